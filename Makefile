@@ -1,0 +1,29 @@
+# Two entry points: `make demo` (the main job) and `make test`. Both set everything up from nothing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SEQ := $(VENV)/bin/seqvision
+
+.PHONY: setup data demo test test-all
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,hub,export]'
+	touch $@
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package (needs root or sudo once).
+data:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }
+
+demo: setup data
+	$(SEQ) models
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m ''

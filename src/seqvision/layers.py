@@ -1,0 +1,132 @@
+"""Layers shared by the Sequencer, ViT and MLP-Mixer families."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
+    """Truncated-normal fan-in init (JAX's lecun_normal), as the reference code uses for convs."""
+    fan_in = weight[0].numel()
+    # .8796 is the std of a unit normal truncated to [-2, 2]; dividing restores unit variance.
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    return nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+def drop_path_rates(rate: float, depths: tuple[int, ...]) -> list[list[float]]:
+    """The authors' linear stochastic-depth ramp, 0 at the first block to `rate` at the last, split per stage.
+
+    timm (since 2023) uses the constant `rate` for every block instead; this only matters in training.
+    """
+    total = sum(depths)
+    ramp = [rate * i / max(total - 1, 1) for i in range(total)]
+    return [ramp[sum(depths[:s]): sum(depths[: s + 1])] for s in range(len(depths))]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a sample's residual branch with probability `p`, rescale the rest."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Dropout -> Linear -> Dropout on the last dimension."""
+
+    def __init__(self, dim: int, hidden: int, out: int | None = None, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, out or dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches by a strided conv; returns channels-last (B, H/p, W/p, C)."""
+
+    def __init__(self, in_chans: int, dim: int, patch: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
+
+
+def check_image(x: torch.Tensor, in_chans: int, stride: int, fixed: tuple[int, int] | None = None) -> None:
+    """Validate an image batch once, at the model boundary, before any layer runs.
+
+    Args:
+        x: the batch, expected (B, in_chans, H, W).
+        in_chans: channels the model was built for.
+        stride: H and W must be multiples of this.
+        fixed: the only (H, W) the model accepts, for models whose token count is fixed.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"expected a 4-D image batch (B, {in_chans}, H, W), got shape {tuple(x.shape)}")
+    _, c, h, w = x.shape
+    if c != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {c} (input shape {tuple(x.shape)})")
+    if fixed is not None and (h, w) != tuple(fixed):
+        raise ValueError(f"this model takes only {fixed[0]}x{fixed[1]} inputs (its token-mixing MLP fixes "
+                         f"the token count), got {h}x{w}")
+    if h % stride or w % stride or h == 0 or w == 0:
+        raise ValueError(f"input height and width must be positive multiples of the model's stride {stride}, "
+                         f"got {h}x{w}")
+
+
+def resample_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resampling of a (1, H, W, C) position grid to (1, size[0], size[1], C)."""
+    if tuple(pos.shape[1:3]) == tuple(size):
+        return pos
+    grid = pos.permute(0, 3, 1, 2).float()  # (1, H, W, C) -> (1, C, H, W)
+    grid = F.interpolate(grid, size=size, mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).to(pos.dtype)  # (1, C, h, w) -> (1, h, w, C)
+
+
+def init_weights(module: nn.Module, name: str = "") -> None:
+    """The reference init of all three families, applied per module by `named_apply`."""
+    if isinstance(module, nn.Linear):
+        if name.startswith("head"):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+        else:
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                # A tiny random bias in MLPs, as in the JAX ViT/Mixer code the references follow.
+                nn.init.normal_(module.bias, std=1e-6) if "mlp" in name else nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        lecun_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
+        bound = 1.0 / math.sqrt(module.hidden_size)
+        for p in module.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+
+def named_apply(fn, module: nn.Module, name: str = "") -> None:
+    """Apply fn(module, name) depth-first, children before parents, with dotted names."""
+    for child_name, child in module.named_children():
+        named_apply(fn, child, f"{name}.{child_name}" if name else child_name)
+    fn(module, name)

@@ -1,0 +1,96 @@
+"""Model registry: every preset of every family, built by name with typed overrides."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    family: str
+    config: Any  # the family's frozen config dataclass
+    build: Callable[[Any], nn.Module]
+    hub_id: str | None = None  # where released weights live, e.g. "timm/sequencer2d_s.in1k"
+
+
+_REGISTRY: dict[str, Entry] = {}
+_FAMILIES: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {}
+
+
+def register_family(family: str, config_cls: type, build: Callable[[Any], nn.Module],
+                    presets: dict[str, Any], hub_ids: dict[str, str] | None = None) -> None:
+    """Register a family's presets (name -> config instance) under one builder."""
+    _FAMILIES[family] = (config_cls, build)
+    for name, cfg in presets.items():
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} registered twice")
+        _REGISTRY[name] = Entry(name, family, cfg, build, (hub_ids or {}).get(name))
+
+
+def _closest(word: str, options) -> str:
+    near = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(near)}?" if near else ""
+
+
+def get_entry(name: str) -> Entry:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}{_closest(name, _REGISTRY)} (see seqvision.list_models())")
+    return _REGISTRY[name]
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def make_config(name: str, **overrides):
+    """The preset's config with overrides applied; unknown keys raise with the closest valid ones."""
+    cfg = get_entry(name).config
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    for key in overrides:
+        if key not in fields:
+            raise TypeError(f"{name}: unknown option {key!r}{_closest(key, fields)} "
+                            f"(valid: {', '.join(sorted(fields))})")
+    return dataclasses.replace(cfg, **overrides)
+
+
+def build_from_config(family: str, config: dict) -> nn.Module:
+    """Rebuild a model from a family name and a plain-dict config (as saved in weight-file metadata)."""
+    if family not in _FAMILIES:
+        raise KeyError(f"unknown model family {family!r}{_closest(family, _FAMILIES)}")
+    config_cls, build = _FAMILIES[family]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise ValueError(f"config for family {family!r} has unknown keys {unknown}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    return build(config_cls(**kwargs))
+
+
+def create_model(name: str, pretrained: bool | str | None = None, **overrides) -> nn.Module:
+    """Build a registered model, optionally with weights.
+
+    Args:
+        name: a name from `list_models()`.
+        pretrained: None/False for the reference init; True for the released weights of the preset
+            (downloaded from its hub id); or a path to a `.safetensors` / torch weights file in
+            seqvision, timm or the authors' key format.
+        **overrides: fields of the family's config, e.g. `num_classes=10, in_chans=1, drop_path_rate=0.1`.
+            When `num_classes` or `in_chans` is given and differs from the weights, the head is dropped
+            (re-initialised) or the stem adapted instead of failing.
+    """
+    from .weights import load_weights, resolve_pretrained
+
+    entry = get_entry(name)
+    model = entry.build(make_config(name, **overrides))
+    model.pretrained_name = name
+    if pretrained:
+        path = resolve_pretrained(entry, pretrained)
+        load_weights(model, path, drop_head="num_classes" in overrides, adapt_in_chans="in_chans" in overrides)
+    return model

@@ -1,0 +1,251 @@
+"""Weights in and out: safetensors or torch files, seqvision/timm or the authors' key format.
+
+Torch files are read with `weights_only=True` only: a pickle that would run code is refused, never retried
+in the unsafe mode. Our own files are safetensors with the model's family and config in the metadata, so a
+weight file alone rebuilds its model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from .registry import Entry, build_from_config
+
+WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
+
+
+class WeightsError(ValueError):
+    """A weight file that cannot be read or does not fit the model; the message names file and keys."""
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a `.safetensors` or torch file (a checkpoint's model entry is unwrapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for code-running pickles, RuntimeError for truncated zips, ...
+        raise WeightsError(f"{path}: refused to load as a torch file with weights_only=True "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Only plain tensor "
+                           f"state dicts are accepted; convert other files to .safetensors.") from None
+    for key in WRAPPER_KEYS:
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+# Key formats -------------------------------------------------------------------------------------------
+
+def is_authors_format(sd: dict) -> bool:
+    return any(re.match(r"blocks\.\d+\.\d+\.", k) for k in sd) and not any(k.startswith("stages.") for k in sd)
+
+
+def from_authors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Authors' release keys -> ours (= timm's). Their downsample is the last entry of the stage before."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^blocks\.(\d+)\.\d+\.down\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.down.", k)
+        k = re.sub(r"^blocks\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", k)
+        k = re.sub(r"^head\.", "head.fc.", k)
+        out[k] = v
+    return out
+
+
+def to_authors(sd: dict[str, torch.Tensor], layers: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Ours -> the authors' release keys; `layers` places each downsample after its previous stage."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^stages\.(\d+)\.downsample\.down\.",
+                   lambda m: f"blocks.{int(m[1]) - 1}.{layers[int(m[1]) - 1]}.down.", k)
+        k = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", r"blocks.\1.\2.", k)
+        k = re.sub(r"^head\.fc\.", "head.", k)
+        out[k] = v
+    return out
+
+
+def to_model_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return from_authors(sd) if is_authors_format(sd) else sd
+
+
+# Loading into a model ----------------------------------------------------------------------------------
+
+def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "state dict",
+                    drop_head: bool = False, adapt_in_chans: bool = False) -> None:
+    """Load `sd` into `model` strictly; list every missing, unexpected and mis-shaped key on failure.
+
+    Args:
+        model: a seqvision model.
+        sd: tensors in seqvision/timm or the authors' key format.
+        source: what to name in error messages (usually the file path).
+        drop_head: if the classifier's shape differs, keep the model's fresh head instead of failing.
+        adapt_in_chans: if the stem's input channels differ, sum (to 1) or tile the RGB filters.
+    """
+    sd = to_model_keys(dict(sd))
+    if hasattr(model, "adapt_state_dict"):
+        sd = model.adapt_state_dict(sd)  # e.g. a ViT resamples its position grid
+    own = model.state_dict()
+    if adapt_in_chans and hasattr(model, "first_conv"):
+        key = f"{model.first_conv}.weight"
+        if key in sd and key in own and sd[key].shape[1] != own[key].shape[1]:
+            sd[key] = adapt_input_conv(sd[key], own[key].shape[1])
+    if drop_head:  # keep the model's fresh classifier where the file's differs or is absent
+        for k in [k for k in sd if k.startswith("head") and k not in own]:
+            sd.pop(k)
+        for k in [k for k in own if k.startswith("head")]:
+            if k not in sd or sd[k].shape != own[k].shape:
+                sd[k] = own[k]
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not fit {type(model).__name__}:"]
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes)):
+            if items:
+                lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
+        if any(k.startswith("head") for k in shapes):
+            lines.append("  (a different number of classes? pass drop_head=True, or num_classes= to create_model)")
+        raise WeightsError("\n".join(lines))
+    model.load_state_dict(sd, strict=True)
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """(O, 3, k, k) RGB filters -> (O, in_chans, k, k): summed for grey, tiled and rescaled otherwise."""
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_chans // weight.shape[1])
+    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, drop_head: bool = False,
+                 adapt_in_chans: bool = False) -> None:
+    """Read a weight file (any supported format) and load it strictly into `model`."""
+    load_state_dict(model, read_state_dict(path), source=str(path), drop_head=drop_head,
+                    adapt_in_chans=adapt_in_chans)
+
+
+# Saving and whole-model files --------------------------------------------------------------------------
+
+def model_metadata(model: nn.Module) -> dict[str, str]:
+    cfg = dataclasses.asdict(model.cfg)
+    return {"format": "seqvision", "family": model.family, "config": json.dumps(cfg),
+            "name": getattr(model, "pretrained_name", "")}
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`: readers see the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> None:
+    """Save weights as safetensors (atomically) with the config as metadata, so `load_model` rebuilds it."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {**model_metadata(model), **(extra_metadata or {})}
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+
+def load_model(path: str | os.PathLike, **overrides) -> nn.Module:
+    """Rebuild a model from a seqvision safetensors file (config from its metadata) and load its weights."""
+    meta = read_metadata(path)
+    if meta.get("format") != "seqvision" or "config" not in meta:
+        raise WeightsError(f"{path}: no seqvision config in the metadata; build the model with create_model(name) "
+                           f"and load it with load_weights(model, path) instead")
+    cfg = {**json.loads(meta["config"]), **overrides}
+    model = build_from_config(meta["family"], cfg)
+    model.pretrained_name = meta.get("name", "")
+    load_weights(model, path)
+    return model
+
+
+def resolve_pretrained(entry: Entry, pretrained: bool | str) -> str:
+    """A local file for `pretrained`: the path itself, or the preset's released weights from its hub."""
+    if isinstance(pretrained, (str, os.PathLike)):
+        return str(pretrained)
+    if entry.hub_id is None:
+        raise WeightsError(f"{entry.name} has no released weights; pass pretrained=PATH to a weight file")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise WeightsError("downloading released weights needs huggingface_hub (pip install huggingface_hub); "
+                           "or pass pretrained=PATH") from None
+    try:
+        return hf_hub_download(entry.hub_id, "model.safetensors")
+    except Exception as e:
+        raise WeightsError(f"could not fetch {entry.hub_id} ({type(e).__name__}: {e}); "
+                           f"offline, pass pretrained=PATH to a downloaded file") from None
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | None = None,
+            to: str = "seqvision") -> None:
+    """Convert a weight file between formats.
+
+    Args:
+        src: a safetensors or torch file in any supported key format.
+        dst: output path; `.safetensors` unless `to="authors"` with a `.pth` destination.
+        model_name: the registered model the weights belong to; checked by loading, and its config is
+            written into the metadata. Needed unless `src` is a seqvision file.
+        to: "seqvision" (= timm keys) or "authors".
+    """
+    from .registry import create_model
+
+    if model_name is None and Path(src).suffix == ".safetensors" and read_metadata(src).get("format") == "seqvision":
+        model = load_model(src)
+    elif model_name is None:
+        raise WeightsError(f"{src}: name the model these weights belong to (--model NAME)")
+    else:
+        sd = to_model_keys(read_state_dict(src))
+        num_classes = sd["head.fc.weight"].shape[0] if "head.fc.weight" in sd else 0
+        model = create_model(model_name, num_classes=num_classes)
+        load_state_dict(model, sd, source=str(src))
+    if to == "seqvision":
+        save_model(model, dst)
+    elif to == "authors":
+        sd = to_authors({k: v.contiguous() for k, v in model.state_dict().items()}, model.cfg.layers)
+        if Path(dst).suffix == ".safetensors":
+            atomic_write(dst, lambda tmp: save_file(sd, tmp))
+        else:
+            atomic_write(dst, lambda tmp: torch.save(sd, tmp))
+    else:
+        raise ValueError(f"to must be 'seqvision' or 'authors', got {to!r}")

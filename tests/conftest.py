@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def random_state_dict(model: torch.nn.Module, scale: float = 0.05) -> dict:
+    """Non-trivial weights (the reference init zeroes the head, which would hide head mismatches)."""
+    g = torch.Generator().manual_seed(1)
+    return {k: (torch.randn(v.shape, generator=g) * scale if v.dtype.is_floating_point else v)
+            for k, v in model.state_dict().items()}
+
+
+def smallest_input(model) -> tuple[int, int]:
+    """The cheapest valid input size: the fixed size for token-count-bound models, else twice the stride."""
+    if getattr(model, "fixed_input_size", False):
+        return tuple(model.cfg.img_size)
+    return (2 * model.stride, 2 * model.stride)
