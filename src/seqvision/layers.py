@@ -93,11 +93,14 @@ def check_image(x: torch.Tensor, in_chans: int, stride: int, fixed: tuple[int, i
 
 
 def resample_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resampling of a (1, H, W, C) position grid to (1, size[0], size[1], C)."""
+    """Bicubic resampling of a (1, H, W, C) position grid to (1, size[0], size[1], C).
+
+    Antialiased, as timm does it (its bicubic kernel then matches PIL's), so resampled weights agree.
+    """
     if tuple(pos.shape[1:3]) == tuple(size):
         return pos
     grid = pos.permute(0, 3, 1, 2).float()  # (1, H, W, C) -> (1, C, H, W)
-    grid = F.interpolate(grid, size=size, mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid, size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
     return grid.permute(0, 2, 3, 1).to(pos.dtype)  # (1, C, h, w) -> (1, h, w, C)
 
 
@@ -130,3 +133,36 @@ def named_apply(fn, module: nn.Module, name: str = "") -> None:
     for child_name, child in module.named_children():
         named_apply(fn, child, f"{name}.{child_name}" if name else child_name)
     fn(module, name)
+
+
+def classifier(dim: int, num_classes: int) -> nn.Module:
+    """A zero-initialised Linear classifier (the references' head init), or Identity for 0 classes."""
+    if num_classes <= 0:
+        return nn.Identity()
+    fc = nn.Linear(dim, num_classes)
+    nn.init.zeros_(fc.weight)
+    nn.init.zeros_(fc.bias)
+    return fc
+
+
+def take_indices(indices: int | list[int] | None, n: int) -> list[int]:
+    """timm's convention: None for all n, an int k for the last k, or explicit (possibly negative) indices."""
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices={indices}: expected 1..{n} (the last k of {n})")
+        return list(range(n - indices, n))
+    out = [i % n for i in indices]
+    if any(not -n <= i < n for i in indices):
+        raise ValueError(f"indices {list(indices)} out of range for {n} outputs")
+    return out
+
+
+def to_fmt(x: torch.Tensor, output_fmt: str) -> torch.Tensor:
+    """A (B, H, W, C) map in the requested layout."""
+    if output_fmt == "NHWC":
+        return x
+    if output_fmt == "NCHW":
+        return x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+    raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import DropPath, Mlp, PatchEmbed, check_image, drop_path_rates, init_weights, named_apply, resample_grid
+from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply,
+                      resample_grid, take_indices, to_fmt)
 from ..registry import register_family
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -176,7 +177,7 @@ class Head(nn.Module):
     def __init__(self, dim: int, num_classes: int, drop: float):
         super().__init__()
         self.drop = nn.Dropout(drop)
-        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = classifier(dim, num_classes)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.drop(x.mean(dim=(1, 2)))  # (B, H, W, C) -> (B, C)
@@ -232,10 +233,7 @@ class Sequencer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.zeros_(self.head.fc.weight)
-            nn.init.zeros_(self.head.fc.bias)
+        self.head.fc = classifier(self.num_features, num_classes)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, self.cfg.in_chans, self.stride)
@@ -266,17 +264,13 @@ class Sequencer(nn.Module):
             intermediates_only: return only the list, not (final features, list).
         """
         n = len(self.stages)
-        take = list(range(n)) if indices is None else (list(range(n - indices, n)) if isinstance(indices, int)
-                                                       else [i % n for i in indices])
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take = take_indices(indices, n)
         feats = []
         x = self._embed(x)
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in take:
-                y = self.norm(x) if norm and i == n - 1 else x
-                feats.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)  # (B, H, W, C) -> (B, C, H, W)
+                feats.append(to_fmt(self.norm(x) if norm and i == n - 1 else x, output_fmt))
         if intermediates_only:
             return feats
         return self.norm(x), feats
@@ -314,6 +308,16 @@ PRESETS = {
     "v_sequencer_s_pe": SequencerConfig(mixer="1d", pos_embed=True, patch_sizes=_V.patch_sizes,
                                         embed_dims=_V.embed_dims, hidden_sizes=_V.hidden_sizes),
 }
+
+
+def _small(budget: str, size: int) -> SequencerConfig:
+    """Small-image presets: a 4x4-patch stem (7x7 tokens at 28, 8x8 at 32), then a 1x1 widening conv."""
+    dims, hidden, layers = {"1m": ((96, 128), (24, 32), (2, 4)), "5m": ((128, 256), (32, 64), (2, 6))}[budget]
+    return SequencerConfig(layers=layers, patch_sizes=(4, 1), embed_dims=dims, hidden_sizes=hidden,
+                           img_size=(size, size), in_chans=1 if size == 28 else 3, num_classes=10)
+
+
+PRESETS.update({f"sequencer2d_{b}_{s}": _small(b, s) for b in ("1m", "5m") for s in (28, 32)})
 
 HUB_IDS = {f"sequencer2d_{s}": f"timm/sequencer2d_{s}.in1k" for s in "sml"}
 
