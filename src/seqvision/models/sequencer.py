@@ -40,7 +40,7 @@ class SequencerConfig:
     drop_rate: float = 0.0  # before the classifier
     proj_drop_rate: float = 0.0  # inside the MLPs
     drop_path_rate: float = 0.0  # linear ramp over all blocks (the authors' schedule)
-    backend: Literal["auto", "reference"] = "auto"  # how BiLSTM2D runs; same weights either way
+    backend: Literal["auto", "reference", "fused", "native"] = "auto"  # how BiLSTM2D runs; same weights either way
 
     def __post_init__(self):
         n = len(self.layers)
@@ -84,10 +84,14 @@ class RNN2d(nn.Module):
         self.rnn_v = rnn(dim, hidden, batch_first=True, bidirectional=bidirectional) if union != "horizontal" else None
         self.rnn_h = rnn(dim, hidden, batch_first=True, bidirectional=bidirectional) if union != "vertical" else None
         self.fc = nn.Linear(mixed, dim) if with_fc else None
-        self.backend = "reference"  # set by the model through seqvision.fused.pick_backend
+        self.backend = "reference"  # set by the model through seqvision.fused.pick_backend; same weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mix(x)
+        if self.backend in ("fused", "native"):
+            from ..fused import rnn2d_fused
+            x = rnn2d_fused(self, x, native=self.backend == "native")
+        else:
+            x = self.mix(x)
         return self.fc(x) if self.fc is not None else x
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:

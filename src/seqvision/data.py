@@ -1,0 +1,289 @@
+"""Datasets and transforms: class-folder trees, Fashion-MNIST IDX files, torchvision's CIFAR.
+
+Every dataset yields (image, label) with the image a uint8 tensor (C, H, W) or a PIL image; transforms turn
+it into a normalised float tensor with the model's channel count. Augmentation randomness is seeded per
+sample from (seed, epoch, index), so a resumed or multi-process run sees exactly the same batches.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)  # Debian's dataset-fashion-mnist
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                       "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file or folder at fault."""
+
+
+# IDX (MNIST family) -----------------------------------------------------------------------------------
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (optionally gzipped) as a numpy array; checks magic, dims and length."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read IDX file ({e})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex() or 'empty'})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    expected = int(np.prod(shape))
+    if len(data) - header != expected:
+        raise DataError(f"{path}: IDX shape {shape} needs {expected} bytes of data, file has {len(data) - header}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
+    """The folder holding the four Fashion-MNIST IDX files: `root`, or where Debian's package puts them."""
+    candidates = [Path(root)] if root else [Path(d) for d in FASHION_MNIST_DIRS]
+    for d in candidates:
+        if all((d / f).exists() for pair in FASHION_MNIST_FILES.values() for f in pair):
+            return d
+    raise DataError(f"Fashion-MNIST IDX files not found in {', '.join(map(str, candidates))}: install Debian's "
+                    f"dataset-fashion-mnist (make data), pass a folder with the four files, or run "
+                    f"seqvision.data.download_fashion_mnist(folder) where you are online")
+
+
+def download_fashion_mnist(folder: str | os.PathLike, base_url: str = FASHION_MNIST_URL) -> Path:
+    """Fetch the four official IDX files into `folder` (for users who are online)."""
+    from urllib.request import urlretrieve
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for pair in FASHION_MNIST_FILES.values():
+        for name in pair:
+            if not (folder / name).exists():
+                tmp = folder / f".{name}.part"
+                urlretrieve(base_url + name, tmp)
+                read_idx(tmp)  # refuse a broken download before it takes the real name
+                os.replace(tmp, folder / name)
+    return folder
+
+
+class TensorImages(Dataset):
+    """Images held in memory as a uint8 tensor (N, C, H, W) with integer labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str]):
+        if len(images) != len(labels):
+            raise DataError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.classes = images, labels, classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+def fashion_mnist(split: str, root: str | os.PathLike | None = None) -> TensorImages:
+    folder = find_fashion_mnist(root)
+    img_file, lbl_file = FASHION_MNIST_FILES[split]
+    images, labels = read_idx(folder / img_file), read_idx(folder / lbl_file)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"{folder}: images {images.shape} and labels {labels.shape} do not pair up")
+    if labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"{folder / lbl_file}: label {labels.max()} out of range 0..9")
+    # (N, H, W) -> (N, 1, H, W): one grey channel
+    return TensorImages(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
+                        FASHION_MNIST_CLASSES)
+
+
+# Class folders ----------------------------------------------------------------------------------------
+
+def scan_class_folders(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label) pairs of an ImageFolder tree; empty class folders and empty trees are errors."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class folders (expected {root}/CLASS_NAME/image.png)")
+    samples = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if not files:
+            raise DataError(f"{root / name}: class folder has no images ({', '.join(sorted(IMAGE_EXTS))})")
+        samples += [(str(p), label) for p in files]
+    return samples, classes
+
+
+class ImageFiles(Dataset):
+    """Images read from files; an unreadable file stops with its path unless `skip_corrupt`."""
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], skip_corrupt: bool = False):
+        self.samples, self.classes, self.skip_corrupt = samples, classes, skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, path: str) -> Image.Image:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            size = os.path.getsize(path) if os.path.exists(path) else -1
+            raise DataError(f"{path}: unreadable image ({'zero bytes' if size == 0 else type(e).__name__}: {e})"
+                            f"; pass --skip-corrupt to skip such files") from None
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            return self.load(path), label
+        except DataError:
+            if not self.skip_corrupt:
+                raise
+            return self[(i + 1) % len(self)]  # deterministic stand-in: the next sample
+
+
+def split_samples(samples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded (train, val) split with `fraction` of the samples for validation."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(round(fraction * len(samples))))
+    return [samples[i] for i in order[n_val:]], [samples[i] for i in order[:n_val]]
+
+
+def cifar(name: str, split: str, root: str) -> TensorImages:
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    try:
+        ds = cls(root, train=split == "train", download=False)
+    except RuntimeError as e:
+        raise DataError(f"{root}: {name} not found ({e}); download it with torchvision where you are online") from None
+    # (N, H, W, C) -> (N, C, H, W)
+    return TensorImages(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes)
+
+
+@dataclass
+class DataSpec:
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+
+
+def build_datasets(data: str, val_fraction: float = 0.1, seed: int = 0, skip_corrupt: bool = False,
+                   data_root: str | None = None) -> DataSpec:
+    """Resolve `--data`: a named dataset, a folder with train/ and val/, or one class-folder tree to split.
+
+    Args:
+        data: "fashion-mnist", "cifar10", "cifar100", or a folder path.
+        val_fraction: share of a single tree held out for validation.
+        seed: seed of that split.
+        skip_corrupt: skip unreadable images instead of stopping.
+        data_root: where named datasets' files are (default: their usual places).
+    """
+    if data == "fashion-mnist":
+        return DataSpec(fashion_mnist("train", data_root), fashion_mnist("test", data_root), FASHION_MNIST_CLASSES)
+    if data in ("cifar10", "cifar100"):
+        train = cifar(data, "train", data_root or "data")
+        return DataSpec(train, cifar(data, "test", data_root or "data"), train.classes)
+    root = Path(data)
+    if not root.exists():
+        raise DataError(f"--data {data}: no such folder, and not one of fashion-mnist, cifar10, cifar100")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train, classes = scan_class_folders(root / "train")
+        val, val_classes = scan_class_folders(root / "val")
+        if val_classes != classes:
+            raise DataError(f"{root}: train classes {classes} differ from val classes {val_classes}")
+    else:
+        samples, classes = scan_class_folders(root)
+        train, val = split_samples(samples, val_fraction, seed)
+    return DataSpec(ImageFiles(train, classes, skip_corrupt), ImageFiles(val, classes, skip_corrupt), classes)
+
+
+# Transforms -------------------------------------------------------------------------------------------
+
+def build_transform(train: bool, img_size: int, in_chans: int, mean: tuple, std: tuple, crop_pct: float = 0.875,
+                    randaugment: str = "", re_prob: float = 0.0, pad_crop: bool = True):
+    """Train or eval transform to a normalised (in_chans, img_size, img_size) float tensor.
+
+    Large images get timm's ImageNet pipeline (random-resized crop, RandAugment, bicubic resize and centre
+    crop for eval); small ones (<= 64 px) a padded random crop and flip, with optional RandAugment.
+    """
+    from torchvision.transforms import v2
+
+    norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean[:in_chans], std[:in_chans])]
+    erase = [v2.RandomErasing(p=re_prob, value=0)] if train and re_prob > 0 else []
+    if img_size > 64:
+        from timm.data import create_transform
+        tf = create_transform(img_size, is_training=train, auto_augment=randaugment or None, re_prob=0.0,
+                              interpolation="bicubic", crop_pct=crop_pct, mean=mean[:in_chans], std=std[:in_chans])
+        return v2.Compose([_ToPIL(), _Channels(in_chans), tf, *erase])
+    ops = [v2.ToImage(), v2.Resize(img_size, antialias=True) if not train else v2.Identity()]
+    if train:
+        ops += [v2.RandomCrop(img_size, padding=img_size // 8 if pad_crop else 0, pad_if_needed=True),
+                v2.RandomHorizontalFlip()]
+        if randaugment:
+            ops.append(v2.RandAugment(num_ops=2, magnitude=9))
+    else:
+        ops.append(v2.CenterCrop(img_size))
+    return v2.Compose([*ops, _Channels(in_chans), *norm, *erase])
+
+
+class _ToPIL:
+    def __call__(self, img):
+        if isinstance(img, torch.Tensor):  # (C, H, W) uint8 -> PIL
+            arr = img.permute(1, 2, 0).numpy()
+            return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+        return img
+
+
+class _Channels:
+    """Replicate grey to RGB or average RGB to grey, so any data feeds any model."""
+
+    def __init__(self, in_chans: int):
+        self.in_chans = in_chans
+
+    def __call__(self, img):
+        if isinstance(img, Image.Image):
+            return img.convert("L" if self.in_chans == 1 else "RGB")
+        c = img.shape[0]
+        if c == self.in_chans:
+            return img
+        if c == 1:
+            return img.expand(self.in_chans, *img.shape[1:])
+        grey = img.float().mean(0, keepdim=True)
+        return (grey.round().to(img.dtype) if not img.dtype.is_floating_point else grey).expand(self.in_chans, *img.shape[1:])
+
+
+class Seeded(Dataset):
+    """Wraps a dataset with a transform whose randomness depends only on (seed, epoch, index)."""
+
+    def __init__(self, ds: Dataset, transform, seed: int):
+        self.ds, self.transform, self.seed, self.epoch = ds, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        img, label = self.ds[i]
+        s = (self.seed * 1_000_003 + self.epoch * 10_007 + i) % 2**31
+        torch.manual_seed(s)
+        random.seed(s)
+        return self.transform(img), label

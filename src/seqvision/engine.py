@@ -1,0 +1,91 @@
+"""Small pure pieces of training and evaluation: seeding, one step, evaluation, metrics."""
+from __future__ import annotations
+
+import math
+import random
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stops before anything is overwritten."""
+
+
+def seed_step(seed: int, step: int, micro: int, rank: int) -> None:
+    """Seed every RNG the step uses (mixup, dropout, drop path) from its position alone.
+
+    Deriving the streams from (seed, step) rather than carrying them makes a resumed run draw exactly
+    what the uninterrupted run drew, whatever the data loader consumed in between.
+    """
+    s = (seed * 1_000_003 + step * 7_919 + micro * 101 + rank) % 2**31
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+def autocast(device: torch.device, amp: str):
+    if not amp:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def train_micro_step(model, images, targets, criterion, mixup, device, amp: str, scale: float, scaler=None):
+    """Forward and backward of one micro-batch; returns the unscaled loss as a float."""
+    images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    if mixup is not None:
+        images, targets = mixup(images, targets)
+    with autocast(device, amp):
+        loss = criterion(model(images), targets)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        return loss_value
+    loss = loss * scale
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return loss_value
+
+
+def optimizer_step(model, optimizer, clip_grad: float, scaler=None) -> None:
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, num_classes: int, amp: str = "", progress=None) -> dict:
+    """Top-1/top-5 accuracy, mean loss and the confusion matrix, summed across processes."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    stats = torch.zeros(3, dtype=torch.float64)  # loss sum, top-5 hits, count
+    for images, targets in (progress(loader) if progress else loader):
+        images, targets = images.to(device), targets.to(device)
+        with autocast(device, amp):
+            logits = model(images).float()
+        stats[0] += F.cross_entropy(logits, targets, reduction="sum").item()
+        k = min(5, num_classes)
+        stats[1] += (logits.topk(k, dim=1).indices == targets[:, None]).any(1).sum().item()
+        stats[2] += len(targets)
+        confusion += torch.bincount(targets.cpu() * num_classes + logits.argmax(1).cpu(),
+                                    minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(confusion)
+        dist.all_reduce(stats)
+    return metrics_from(confusion, stats)
+
+
+def metrics_from(confusion: torch.Tensor, stats: torch.Tensor) -> dict:
+    n = max(stats[2].item(), 1)
+    per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
+    return {"top1": confusion.diag().sum().item() / n * 100, "top5": stats[1].item() / n * 100,
+            "loss": stats[0].item() / n, "count": int(stats[2].item()),
+            "per_class_acc": [a * 100 for a in per_class], "confusion": confusion.tolist()}

@@ -1,0 +1,249 @@
+"""Training, resume, DDP, evaluation and prediction on data the tests write themselves."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from seqvision import cli
+from seqvision.checkpoint import latest_checkpoint
+from seqvision.config import TrainConfig
+from seqvision.data import DataError, build_datasets, find_fashion_mnist, read_idx
+from seqvision.engine import NonFiniteLoss
+from seqvision.train import train
+
+from helpers_data import write_fashion_like, write_idx, write_image_tree
+
+TINY = dict(model="sequencer2d_1m_28", batch_size=16, workers=0, warmup_epochs=0.5, deterministic=True,
+            threads=1, lr=1e-3)
+
+
+def weights(run: Path, name: str = None) -> dict:
+    stem = latest_checkpoint(run)
+    return load_file(f"{stem}.safetensors" if name is None else run / name)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return write_image_tree(tmp_path_factory.mktemp("data") / "tree")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tree, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "run"
+    cfg = TrainConfig(data=str(tree), output=str(run), epochs=2, val_fraction=0.25, **TINY)
+    train(cfg)
+    return run
+
+
+def test_run_folder_contents(trained_run):
+    for name in ("best.safetensors", "metrics.csv", "metrics.json", "run.json", "latest", "val_last.json"):
+        assert (trained_run / name).exists(), name
+    history = json.loads((trained_run / "metrics.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[-1]["step"] == 2 * (27 // 16)
+    assert (trained_run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,step,train_loss")
+
+
+def test_refuses_to_overwrite_a_run(tree, trained_run):
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(TrainConfig(data=str(tree), output=str(trained_run), epochs=2, val_fraction=0.25, **TINY))
+
+
+def test_report_and_validate_and_predict(tree, trained_run, capsys, tmp_path):
+    from seqvision.report import write_report
+    report = write_report(trained_run)
+    assert "top-1" in report.read_text() and (trained_run / "curves.png").stat().st_size > 1000
+    assert cli.main(["validate", "--data", str(tree), "--checkpoint", str(trained_run), "--val-fraction", "0.25",
+                     "--json", "--output", str(tmp_path / "val")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["count"] == 9 and len(out["per_class_acc"]) == 3 and 0 <= out["top1"] <= 100
+    assert (tmp_path / "val" / "confusion.png").exists() and (tmp_path / "val" / "per_class.csv").exists()
+    history = json.loads((trained_run / "metrics.json").read_text())
+    assert out["top1"] == pytest.approx(max(h["top1"] for h in history))  # best weights, same split
+    files = [str(p) for p in sorted((tree / "dog").glob("*.png"))[:2]]
+    assert cli.main(["predict", *files, "--checkpoint", str(trained_run), "--json", "--topk", "2"]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert [p["file"] for p in preds] == files
+    for p in preds:
+        probs = [t["prob"] for t in p["top"]]
+        assert len(probs) == 2 and 1 >= probs[0] >= probs[1] >= 0 and sum(probs) <= 1 + 1e-6
+        assert p["top"][0]["label"] in ("cat", "dog", "fox")
+
+
+def test_classes_disagreeing_with_checkpoint(tree, trained_run, tmp_path, capsys):
+    other = write_image_tree(tmp_path / "other", classes=("ant", "bee", "cow"))
+    assert cli.main(["validate", "--data", str(other), "--checkpoint", str(trained_run)]) == 2
+    assert "disagree" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="disagree"):
+        train(TrainConfig(data=str(other), output=str(trained_run), epochs=2, resume=True, **TINY))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "zero-byte"])
+def test_unreadable_images_stop_with_their_path(tmp_path, damage):
+    root = write_image_tree(tmp_path / "tree", per_class=4)
+    bad = root / "cat" / "001.png"
+    data = bad.read_bytes()
+    bad.write_bytes({"corrupt": b"not an image at all" * 10, "truncated": data[: len(data) // 3], "zero-byte": b""}[damage])
+    cfg = TrainConfig(data=str(root), output=str(tmp_path / "run"), epochs=1, val_fraction=0.25,
+                      **{**TINY, "batch_size": 4})
+    with pytest.raises(DataError, match=str(bad)):
+        spec = build_datasets(str(root), 0.25)
+        for i in range(len(spec.train)):
+            spec.train[i]
+        for i in range(len(spec.val)):
+            spec.val[i]
+    with pytest.raises(DataError, match="--skip-corrupt"):
+        train(cfg)
+    spec = build_datasets(str(root), 0.25, skip_corrupt=True)
+    assert all(spec.train[i][0] is not None for i in range(len(spec.train)))
+
+
+def test_empty_class_folder(tmp_path):
+    root = write_image_tree(tmp_path / "tree", per_class=2)
+    (root / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: class folder has no images"):
+        build_datasets(str(root))
+
+
+def test_idx_files(tmp_path):
+    folder = write_fashion_like(tmp_path / "fm")
+    assert find_fashion_mnist(folder) == folder
+    spec = build_datasets("fashion-mnist", data_root=str(folder))
+    assert len(spec.train) == 64 and spec.train[0][0].shape == (1, 28, 28)
+    broken = tmp_path / "bad-idx3-ubyte"
+    write_idx(broken, np.zeros((4, 28, 28)))
+    broken.write_bytes(broken.read_bytes()[:-10])
+    with pytest.raises(DataError, match="needs 3136 bytes of data, file has 3126"):
+        read_idx(broken)
+    with pytest.raises(DataError, match="not found"):
+        find_fashion_mnist(tmp_path / "nowhere")
+
+
+def test_download_code_without_network(tmp_path, monkeypatch):
+    """The online download path, served from files the test wrote (no network here)."""
+    import urllib.request
+
+    from seqvision.data import download_fashion_mnist
+    src = write_fashion_like(tmp_path / "src")
+    monkeypatch.setattr(urllib.request, "urlretrieve",
+                        lambda url, dst: Path(dst).write_bytes((src / url.rsplit("/", 1)[1]).read_bytes()))
+    out = download_fashion_mnist(tmp_path / "dl", base_url="http://example.invalid/")
+    assert find_fashion_mnist(out) == out
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tree, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(tree), output=str(run), epochs=1, val_fraction=0.25, **TINY))
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    import seqvision.engine as engine
+    real = engine.train_micro_step
+    calls = []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        return float("nan") if len(calls) == 2 else real(*a, **k)
+
+    monkeypatch.setattr("seqvision.train.train_micro_step", poisoned)
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 3"):
+        train(TrainConfig(data=str(tree), output=str(run), epochs=2, val_fraction=0.25, resume=True, **TINY))
+    after = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def _train_cmd(data, run, *extra):
+    return [sys.executable, "-m", "seqvision", "train", "--data", str(data), "--output", str(run),
+            "--model", "sequencer2d_1m_28", "--batch-size", "8", "--workers", "0", "--deterministic",
+            "--threads", "1", "--val-fraction", "0.25", "--epochs", "3", "--ckpt-every", "1", "--lr", "1e-3", *extra]
+
+
+def _wait_for(predicate, proc, timeout=120):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, "training ended before the point the test waits for"
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tree, tmp_path):
+    full = tmp_path / "full"
+    subprocess.run(_train_cmd(tree, full), check=True, capture_output=True)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(tree, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Steps per epoch: 27 train images // 8 = 3; step 4 is inside the second epoch.
+    _wait_for(lambda: (run / "checkpoints" / "step-00000004.state.pt").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = latest_checkpoint(run).name
+    assert stopped_at != "step-00000009"
+    subprocess.run(_train_cmd(tree, run, "--resume"), check=True, capture_output=True)
+    a, b = weights(full), weights(run)
+    assert latest_checkpoint(run).name == "step-00000009"
+    assert all(torch.equal(a[k], b[k]) for k in a), f"resumed from {stopped_at} differs"
+    evals = [[(h["epoch"], h["step"], h["val_loss"], h["top1"]) for h in json.loads((r / "metrics.json").read_text())]
+             for r in (full, run)]
+    assert evals[0] == evals[1]
+
+
+KILL_IN_WRITE = """
+import os, signal, sys
+import seqvision.weights as w
+real = w.save_file
+count = [0]
+def dying(tensors, path, metadata=None):
+    count[0] += 1
+    real(tensors, path, metadata=metadata)
+    if count[0] == 2:  # the second checkpoint: half its temporary file is on disk when the process dies
+        size = os.path.getsize(path)
+        os.truncate(path, size // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+w.save_file = dying
+from seqvision.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_latest_loadable(tree, tmp_path):
+    run = tmp_path / "run"
+    cmd = _train_cmd(tree, run)
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_WRITE, *cmd[3:]], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert list((run / "checkpoints").glob(".step-00000002.safetensors.*.tmp"))  # the half-written file
+    stem = latest_checkpoint(run)
+    assert stem.name == "step-00000001"
+    load_file(f"{stem}.safetensors")
+    torch.load(f"{stem}.state.pt", weights_only=True)
+    subprocess.run(_train_cmd(tree, run, "--resume"), check=True, capture_output=True)
+    assert latest_checkpoint(run).name == "step-00000009"
+
+
+def test_ddp_two_processes_match_one(tree, tmp_path):
+    common = ["--data", str(tree), "--model", "sequencer2d_1m_28", "--batch-size", "8", "--workers", "0",
+              "--threads", "1", "--val-fraction", "0.25", "--epochs", "1", "--smoothing", "0", "--lr", "1e-3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "seqvision", "train", "--output", str(one), *common],
+                   check=True, capture_output=True, env=env)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "seqvision", "train", "--output", str(two), *common],
+                         capture_output=True, env=env, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = weights(one), weights(two)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    h1, h2 = (json.loads((r / "metrics.json").read_text())[-1] for r in (one, two))
+    assert h1["top1"] == h2["top1"]  # evaluation counts are summed across the two processes
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_learns(tmp_path):
+    cfg = TrainConfig(data="fashion-mnist", output=str(tmp_path / "run"), epochs=1, max_steps=60,
+                      batch_size=64, workers=0, warmup_epochs=0.01, lr=2e-3)
+    result = train(cfg)
+    assert result["top1"] > 50  # 60 steps of a 1M-parameter Sequencer, on the 10k official test images
