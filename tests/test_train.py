@@ -149,11 +149,11 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tree, tmp_path, monkeyp
 
     def poisoned(*a, **k):
         calls.append(1)
-        return float("nan") if len(calls) == 2 else real(*a, **k)
+        return float("nan") if len(calls) == 1 else real(*a, **k)
 
     monkeypatch.setattr("seqvision.train.train_micro_step", poisoned)
-    with pytest.raises(NonFiniteLoss, match="loss is nan at step 3"):
-        train(TrainConfig(data=str(tree), output=str(run), epochs=2, val_fraction=0.25, resume=True, **TINY))
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 2"):
+        train(TrainConfig(data=str(tree), output=str(run), epochs=4, val_fraction=0.25, resume=True, **TINY))
     after = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before
 
@@ -243,7 +243,7 @@ def test_ddp_two_processes_match_one(tree, tmp_path):
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_learns(tmp_path):
-    cfg = TrainConfig(data="fashion-mnist", output=str(tmp_path / "run"), epochs=1, max_steps=60,
+    cfg = TrainConfig(data="fashion-mnist", output=str(tmp_path / "run"), epochs=1, max_steps=100,
                       batch_size=64, workers=0, warmup_epochs=0.01, lr=2e-3)
     result = train(cfg)
-    assert result["top1"] > 50  # 60 steps of a 1M-parameter Sequencer, on the 10k official test images
+    assert result["top1"] > 50  # 100 steps of a 1M-parameter Sequencer, on the 10k official test images

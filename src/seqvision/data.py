@@ -36,10 +36,10 @@ class DataError(ValueError):
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """An IDX file (optionally gzipped) as a numpy array; checks magic, dims and length."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
+            data = gzip.decompress(data)
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read IDX file ({e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:

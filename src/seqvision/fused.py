@@ -38,8 +38,8 @@ def native_extension():
             # torch looks for ninja on PATH; a venv's own ninja sits beside its python.
             os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
             src = Path(__file__).parent / "csrc" / "lstm_recurrence.cpp"
-            _NATIVE = load("seqvision_lstm_recurrence", [str(src)], extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
-                           extra_ldflags=["-lmvec"],
+            _NATIVE = load("seqvision_lstm_recurrence", [str(src)], extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                           extra_ldflags=["-lmvec", "-fopenmp"],
                            verbose=False)
         except Exception as e:  # no compiler, no headers, no ninja: run the Python paths instead
             warnings.warn(f"seqvision: native BiLSTM2D unavailable ({type(e).__name__}: {str(e)[:200]}); "
