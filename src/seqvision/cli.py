@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 
 
@@ -50,7 +51,7 @@ def cmd_train(args) -> None:
     cfg = config_from_args(args)
     t0 = time.perf_counter()
     train(cfg)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"report: {write_report(run_folder(cfg), time.perf_counter() - t0)}")
 
 
@@ -121,6 +122,91 @@ def cmd_predict(args) -> None:
             print(r["file"] + ": " + ", ".join(f"{t['label']} {t['prob'] * 100:.1f}%" for t in r["top"]))
 
 
+def _emit(rows: list[dict], args) -> None:
+    """Rows as a table, or JSON/CSV on stdout or into --output (by its suffix)."""
+    if getattr(args, "output", ""):
+        from pathlib import Path
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".json":
+            out.write_text(json.dumps(rows, indent=1))
+        else:
+            with open(out, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    keys = list(rows[0])
+    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for r in rows:
+        print("  ".join(str(r[k]).ljust(w) for k, w in zip(keys, widths)))
+
+
+def cmd_benchmark(args) -> None:
+    from .benchmark import BenchConfig, run_benchmark
+
+    rows = []
+    for mode in args.mode:
+        for batch in args.batch_size:
+            cfg = BenchConfig(model=args.model, batch_size=batch, img_size=args.img_size, mode=mode,
+                              rounds=args.rounds, warmup=args.warmup, threads=args.threads,
+                              backends=tuple(args.backends), timm=not args.no_timm, int8=args.int8)
+            print(f"# {args.model} {mode} batch {batch} ...", file=sys.stderr)
+            rows += run_benchmark(cfg)
+    _emit(rows, args)
+
+
+def cmd_export(args) -> None:
+    from . import create_model
+    from .checkpoint import load_for_inference
+    from .export import check_onnx, export_onnx, export_program
+
+    model = load_for_inference(args.checkpoint)[0] if args.checkpoint else create_model(args.model)
+    if args.format == "onnx":
+        export_onnx(model, args.dst, args.img_size or None)
+        base = args.img_size or model.cfg.img_size[0]
+        sizes = [base] if getattr(model, "fixed_input_size", False) else [base, base + 2 * model.stride]
+        for r in check_onnx(model, args.dst, sizes):
+            print(f"onnxruntime vs PyTorch at {r['size']}px, batch {r['batch']}: max abs diff {r['max_abs_diff']:.2e}")
+    else:
+        export_program(model, args.dst, args.img_size or None)
+    print(f"wrote {args.dst}")
+
+
+def cmd_quantize(args) -> None:
+    import torch
+
+    from .benchmark import quantize_int8
+    from .checkpoint import load_for_inference
+    from .data import Seeded, build_datasets, build_transform
+
+    model, classes, data = load_for_inference(args.checkpoint)
+    qmodel = quantize_int8(load_for_inference(args.checkpoint)[0])
+    spec = build_datasets(args.data, data_root=args.data_root)
+    size = data.get("img_size") or model.cfg.img_size[0]
+    tf = build_transform(False, size, model.cfg.in_chans, tuple(data.get("mean", (0.485, 0.456, 0.406))),
+                         tuple(data.get("std", (0.229, 0.224, 0.225))), data.get("crop_pct", 0.875))
+    ds = Seeded(spec.val, tf, 0)
+    n = min(args.limit or len(ds), len(ds))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=256)
+    agree = correct_fp = correct_q = 0
+    with torch.no_grad():
+        for x, y in loader:
+            a, b = model(x).argmax(1), qmodel(x).argmax(1)
+            agree += (a == b).sum().item()
+            correct_fp += (a == y).sum().item()
+            correct_q += (b == y).sum().item()
+    row = {"images": n, "top1_agreement": round(100 * agree / n, 2), "fp32_top1": round(100 * correct_fp / n, 2),
+           "int8_top1": round(100 * correct_q / n, 2)}
+    if args.dst:
+        torch.save(qmodel.state_dict(), args.dst)
+        row["saved"] = args.dst
+    print(json.dumps(row) if args.json else "  ".join(f"{k} {v}" for k, v in row.items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seqvision",
@@ -182,6 +268,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("benchmark", help="throughput against timm's implementation, same weights and threads",
+                       description="Inference or training throughput of a model (each BiLSTM2D backend) and of "
+                                   "timm's equivalent with the same weights, in one process, alternating rounds "
+                                   "after warm-up. Reports median img/s, the median of per-round ratios, GFLOP/s "
+                                   "achieved as a share of this machine's measured fp32 matmul rate, and memory.")
+    p.add_argument("--model", default="sequencer2d_s")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[16])
+    p.add_argument("--img-size", type=int, default=0, help="input side (default: the model's)")
+    p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--backends", nargs="+", default=["auto", "reference"], help="Sequencer backends to time")
+    p.add_argument("--int8", action="store_true", help="also time the dynamic-int8 model (inference)")
+    p.add_argument("--no-timm", action="store_true", help="skip timm's implementation")
+    p.add_argument("--output", default="", help="write the rows to a .csv or .json file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("export", help="export to ONNX (checked in onnxruntime) or a torch.export program",
+                       description="Export a registered model or a trained checkpoint. ONNX gets a dynamic batch, "
+                                   "height and width and is compared with PyTorch in onnxruntime at two sizes.")
+    p.add_argument("dst", help="output file (.onnx or .pt2)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="registered model (random init)")
+    src.add_argument("--checkpoint", help="run folder or seqvision .safetensors")
+    p.add_argument("--format", choices=["onnx", "torch.export"], default="onnx")
+    p.add_argument("--img-size", type=int, default=0)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="dynamic int8 quantisation, measured for agreement with fp32",
+                       description="Quantise a trained checkpoint's Linear and LSTM weights to int8 (dynamic "
+                                   "quantisation, CPU inference) and report top-1 agreement with fp32 and both "
+                                   "accuracies on the validation split of --data.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--limit", type=int, default=0, help="use the first N validation images (0: all)")
+    p.add_argument("--dst", default="", help="save the quantised state dict here (torch file)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

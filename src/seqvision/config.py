@@ -41,6 +41,8 @@ class TrainConfig:
     std: tuple[float, ...] = opt((0.229, 0.224, 0.225), "normalisation std per channel")
     crop_pct: float = opt(0.875, "eval centre-crop fraction (large images)")
     randaugment: str = opt("", "RandAugment policy, e.g. rand-m9-mstd0.5-inc1 ('' off)")
+    crop_pad: int = opt(-1, "small images: pixels of padding for the random crop (-1: a side/8, 0: no crop)")
+    hflip: float = opt(0.5, "horizontal-flip probability")
     mixup: float = opt(0.0, "mixup alpha (0 off)")
     cutmix: float = opt(0.0, "cutmix alpha (0 off)")
     mixup_switch_prob: float = opt(0.5, "chance of cutmix over mixup when both are on")

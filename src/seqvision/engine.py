@@ -22,7 +22,9 @@ def seed_step(seed: int, step: int, micro: int, rank: int) -> None:
     what the uninterrupted run drew, whatever the data loader consumed in between.
     """
     s = (seed * 1_000_003 + step * 7_919 + micro * 101 + rank) % 2**31
-    torch.manual_seed(s)
+    torch.default_generator.manual_seed(s)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(s)
     np.random.seed(s)
     random.seed(s)
 

@@ -49,22 +49,23 @@ def native_extension():
 
 
 class _NativeBiLSTM2d(torch.autograd.Function):
-    """All LSTM directions of a BiLSTM2D in C++: xg (B, H, W, K, 4D) input gates, w_hh (K, 4D, D)
-    -> (B, H, W, K*D), direction k's hidden states at channels [k*D, (k+1)*D).
+    """All LSTM directions of a BiLSTM2D in C++: xg (B, H, W, K, 4D) input projections, bias (K, 4D)
+    (b_ih + b_hh, added in the cell), w_hh (K, 4D, D) -> (B, H, W, K*D), direction k's hidden states at
+    channels [k*D, (k+1)*D).
 
     `groups` lists (slots, axes, reverses) of directions that step together: all K when H == W, else
     one group per axis (their sequence lengths differ).
     """
 
     @staticmethod
-    def forward(ctx, xg, w_hh, groups):
+    def forward(ctx, xg, bias, w_hh, groups):
         ext = native_extension()
         B, H, W, K, _ = xg.shape
         out = xg.new_empty(B, H, W, K * w_hh.shape[-1])
         save = any(ctx.needs_input_grad)
         saved = []
         for slots, axes, reverses in groups:
-            saved += ext.lstm_forward(xg, w_hh[slots].contiguous(), out, slots, axes, reverses, save)
+            saved += ext.lstm_forward(xg, bias, w_hh[slots].contiguous(), out, slots, axes, reverses, save)
         ctx.groups = groups
         ctx.save_for_backward(w_hh, *saved)
         return out
@@ -80,7 +81,7 @@ class _NativeBiLSTM2d(torch.autograd.Function):
             hs, cs, acts = saved[3 * i: 3 * i + 3]
             grad_w[slots] = ext.lstm_backward(grad_out, grad_xg, hs, cs, acts, w_hh[slots].contiguous(),
                                               slots, axes, reverses)
-        return grad_xg, grad_w, None
+        return grad_xg, grad_xg.sum(dim=(0, 1, 2)), grad_w, None
 
 
 def pick_backend(module, requested: str) -> str:
@@ -154,16 +155,18 @@ def rnn2d_fused(m, x: torch.Tensor, native: bool = False) -> torch.Tensor:
     w_ih = torch.cat([w[0] for _, _, w in dirs])
     b_ih = torch.cat([w[2] + w[3] if fold else w[2] for _, _, w in dirs])
     G = dirs[0][2][0].shape[0]
-    xg = F.linear(x, w_ih, b_ih).view(B, H, W, len(dirs), G)  # (B, H, W, C) -> (B, H, W, K, G): one GEMM
     if native:
+        xg = F.linear(x, w_ih).view(B, H, W, len(dirs), G)  # (B, H, W, C) -> (B, H, W, K, G): one GEMM
         groups = [list(range(len(dirs)))] if H == W else [[k for k, dd in enumerate(dirs) if dd[0] == a] for a, _ in axes]
         groups = [(ks, [0 if dirs[k][0] == "v" else 1 for k in ks], [dirs[k][1] for k in ks]) for ks in groups]
         w_hh = torch.stack([w[1] for _, _, w in dirs]).float()  # (K, 4D, D)
-        out = _NativeBiLSTM2d.apply(xg.float().contiguous(), w_hh, groups).to(x.dtype)  # (B, H, W, K*D)
+        bias = b_ih.view(len(dirs), G).float()
+        out = _NativeBiLSTM2d.apply(xg.float().contiguous(), bias, w_hh, groups).to(x.dtype)  # (B, H, W, K*D)
         if m.union == "add" and len(axes) == 2:
             half = out.shape[-1] // 2
             return out[..., :half] + out[..., half:]
         return out
+    xg = F.linear(x, w_ih, b_ih).view(B, H, W, len(dirs), G)  # (B, H, W, C) -> (B, H, W, K, G): one GEMM
 
     def seqs(name: str, d: int, k: int) -> torch.Tensor:
         g = xg[:, :, :, k]

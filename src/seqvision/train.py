@@ -92,7 +92,8 @@ def train(cfg: TrainConfig) -> dict:
                          f"({world} x {cfg.accum_steps})")
     micro = cfg.batch_size // (world * cfg.accum_steps)
     tf_args = dict(img_size=img_size, in_chans=in_chans, mean=cfg.mean, std=cfg.std, crop_pct=cfg.crop_pct)
-    train_ds = Seeded(spec.train, build_transform(True, randaugment=cfg.randaugment, re_prob=cfg.re_prob, **tf_args),
+    train_ds = Seeded(spec.train, build_transform(True, randaugment=cfg.randaugment, re_prob=cfg.re_prob,
+                                                crop_pad=cfg.crop_pad, hflip=cfg.hflip, **tf_args),
                       cfg.seed)
     val_ds = Seeded(spec.val, build_transform(False, **tf_args), cfg.seed)
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)

@@ -43,16 +43,18 @@ Geometry geometry(const torch::Tensor& xg, int64_t D, const std::vector<int64_t>
 
 }  // namespace
 
-// xg: (B, H, W, K, 4D) input gates, both biases folded in; w_hh: (Kg, 4D, D) for the Kg directions of
-// this group, whose xg/out slots are `slots`; out: (B, H, W, K*D) written for those slots.
+// xg: (B, H, W, K, 4D) input projections without bias; bias: (K, 4D), b_ih + b_hh, added in the cell
+// (so the projection GEMM needs no bias copy); w_hh: (Kg, 4D, D) for the Kg directions of this group,
+// whose xg/out/bias slots are `slots`; out: (B, H, W, K*D) written for those slots.
 // With `save`, returns hs, cs (Kg, T, N, D) and activated gates (Kg, T, N, 4D) for backward.
-std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor w_hh, torch::Tensor out,
+std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor bias, torch::Tensor w_hh, torch::Tensor out,
                                         std::vector<int64_t> slots, std::vector<int64_t> axis,
                                         std::vector<int64_t> reverse, bool save) {
   TORCH_CHECK(xg.dim() == 5 && xg.is_contiguous() && out.is_contiguous(), "xg (B,H,W,K,4D) and out contiguous");
   TORCH_CHECK(xg.scalar_type() == torch::kFloat && w_hh.scalar_type() == torch::kFloat, "float32 only");
   const int64_t Kg = w_hh.size(0), D = w_hh.size(2), G = 4 * D;
   TORCH_CHECK(xg.size(4) == G && w_hh.size(1) == G && (int64_t)slots.size() == Kg, "shape mismatch");
+  TORCH_CHECK(bias.is_contiguous() && bias.size(0) == xg.size(3) && bias.size(1) == G, "bias must be (K, 4D)");
   Geometry geo = geometry(xg, D, axis, reverse);
   const int64_t T = geo.T(), N = geo.N(), K = geo.K, OW = out.size(3);
   auto opts = xg.options();
@@ -66,6 +68,7 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor w_hh, to
     acts = torch::empty({Kg, T, N, G}, opts);
   }
   const float* x = xg.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
   float *o = out.data_ptr<float>(), *gp = gates.data_ptr<float>(), *hp = h.data_ptr<float>(), *cp = c.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
     at::bmm_out(gates, h, w_t);  // (Kg, N, D) @ (Kg, D, 4D) -> (Kg, N, 4D)
@@ -76,14 +79,16 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor w_hh, to
       for (int64_t r = begin; r < end; ++r) {
         const int64_t k = r / N, n = r % N, px = geo.pixel(k, t, n);
         const float* xr = x + (px * K + slots[k]) * G;
+        const float* br = bp + slots[k] * G;
         float* g = gp + r * G;
         float* cr = cp + r * D;
         float* hr = hp + r * D;
         float* orow = o + px * OW + slots[k] * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
-          float i = sigm(g[d] + xr[d]), f = sigm(g[D + d] + xr[D + d]);
-          float gg = tanh_(g[2 * D + d] + xr[2 * D + d]), og = sigm(g[3 * D + d] + xr[3 * D + d]);
+          float i = sigm(g[d] + xr[d] + br[d]), f = sigm(g[D + d] + xr[D + d] + br[D + d]);
+          float gg = tanh_(g[2 * D + d] + xr[2 * D + d] + br[2 * D + d]);
+          float og = sigm(g[3 * D + d] + xr[3 * D + d] + br[3 * D + d]);
           g[d] = i; g[D + d] = f; g[2 * D + d] = gg; g[3 * D + d] = og;
           float cn = f * cr[d] + i * gg;
           cr[d] = cn;

@@ -316,12 +316,13 @@ PRESETS = {
 
 def _small(budget: str, size: int) -> SequencerConfig:
     """Small-image presets: a 4x4-patch stem (7x7 tokens at 28, 8x8 at 32), then a 1x1 widening conv."""
-    dims, hidden, layers = {"1m": ((96, 128), (24, 32), (2, 4)), "5m": ((128, 256), (32, 64), (2, 6))}[budget]
+    dims, hidden, layers = {"300k": ((64, 96), (16, 24), (2, 2)), "1m": ((96, 128), (24, 32), (2, 4)),
+                            "5m": ((128, 256), (32, 64), (2, 6))}[budget]
     return SequencerConfig(layers=layers, patch_sizes=(4, 1), embed_dims=dims, hidden_sizes=hidden,
                            img_size=(size, size), in_chans=1 if size == 28 else 3, num_classes=10)
 
 
-PRESETS.update({f"sequencer2d_{b}_{s}": _small(b, s) for b in ("1m", "5m") for s in (28, 32)})
+PRESETS.update({f"sequencer2d_{b}_{s}": _small(b, s) for b in ("300k", "1m", "5m") for s in (28, 32)})
 
 HUB_IDS = {f"sequencer2d_{s}": f"timm/sequencer2d_{s}.in1k" for s in "sml"}
 

@@ -1,0 +1,144 @@
+"""`seqvision benchmark`: our models against timm's, same weights, same process, alternating rounds."""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import create_model
+from .flops import count_macs, count_params
+
+
+@dataclass
+class BenchConfig:
+    model: str = "sequencer2d_s"
+    batch_size: int = 16
+    img_size: int = 0  # 0: the model's default
+    mode: str = "infer"  # infer | train
+    rounds: int = 7
+    warmup: int = 2
+    threads: int = 0
+    backends: tuple[str, ...] = ("auto", "reference")
+    timm: bool = True
+    int8: bool = False
+
+
+def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
+    """This machine's fp32 matrix-multiply rate (median of `reps` n x n products), in GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def timm_equivalent(model: nn.Module) -> nn.Module | None:
+    """timm's implementation of the same architecture, or None where timm has none."""
+    try:
+        import timm
+        from timm.models.sequencer import Sequencer2d
+    except ImportError:
+        return None
+    cfg = model.cfg
+    if model.family == "sequencer":
+        if cfg.mixer != "2d" or cfg.cell != "lstm":
+            return None
+        n = len(cfg.layers)
+        return Sequencer2d(num_classes=cfg.num_classes, in_chans=cfg.in_chans, layers=cfg.layers,
+                           patch_sizes=cfg.patch_sizes, embed_dims=cfg.embed_dims, hidden_sizes=cfg.hidden_sizes,
+                           mlp_ratios=(cfg.mlp_ratio,) * n, bidirectional=cfg.bidirectional, union=cfg.union,
+                           with_fc=cfg.with_fc)
+    name = getattr(model, "pretrained_name", "")
+    if name in timm.list_models():
+        return timm.create_model(name, num_classes=cfg.num_classes, in_chans=cfg.in_chans)
+    return None
+
+
+def _step_fn(model: nn.Module, x: torch.Tensor, mode: str):
+    if mode == "infer":
+        model.eval()
+
+        def run():
+            with torch.no_grad():
+                model(x)
+        return run
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    y = torch.randint(0, max(model.num_classes, 1), (x.shape[0],))
+
+    def run():
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return run
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 quantisation of the Linear and LSTM weights (CPU inference), on the reference path."""
+    from torch.ao.quantization import quantize_dynamic
+
+    if hasattr(model, "set_backend"):
+        model.set_backend("reference")
+    return quantize_dynamic(model.eval(), {nn.Linear, nn.LSTM}, dtype=torch.qint8)
+
+
+def run_benchmark(cfg: BenchConfig, progress=None) -> list[dict]:
+    """Median img/s of each implementation and the median of per-round ratios to timm's (or the reference)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ours = create_model(cfg.model)
+    size = cfg.img_size or ours.cfg.img_size[0]
+    x = torch.randn(cfg.batch_size, ours.cfg.in_chans, size, size)
+    impls: dict[str, nn.Module] = {}
+    for backend in cfg.backends:
+        m = create_model(cfg.model, backend=backend) if ours.family == "sequencer" else create_model(cfg.model)
+        m.load_state_dict(ours.state_dict())
+        impls[f"seqvision[{backend}]" if ours.family == "sequencer" else "seqvision"] = m
+    if cfg.int8 and cfg.mode == "infer":
+        q = create_model(cfg.model)
+        q.load_state_dict(ours.state_dict())
+        impls["seqvision[int8]"] = quantize_int8(q)
+    ref = timm_equivalent(ours) if cfg.timm else None
+    if ref is not None:
+        ref.load_state_dict(ours.state_dict())
+        impls["timm"] = ref
+    baseline = "timm" if "timm" in impls else next(iter(impls))
+    macs = count_macs(ours, (ours.cfg.in_chans, size, size))
+    params = count_params(ours)
+    rate = matmul_gflops()
+    fns = {k: _step_fn(m, x, cfg.mode) for k, m in impls.items()}
+    mem = {}
+    for k, fn in fns.items():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range(cfg.warmup):
+            fn()
+        mem[k] = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    times = {k: [] for k in fns}
+    for r in range(cfg.rounds):
+        order = list(fns) if r % 2 == 0 else list(fns)[::-1]  # alternate, so drift hits all alike
+        for k in order:
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+        if progress:
+            progress(r + 1, cfg.rounds)
+    flop_per_img = 2 * macs * (3 if cfg.mode == "train" else 1)  # backward ~ 2x forward
+    rows = []
+    for k, ts in times.items():
+        ips = cfg.batch_size / statistics.median(ts)
+        ratio = statistics.median(b / t for t, b in zip(ts, times[baseline]))
+        rows.append(dict(model=cfg.model, impl=k, mode=cfg.mode, batch=cfg.batch_size, img_size=size,
+                         threads=torch.get_num_threads(), img_per_s=round(ips, 2), ratio_vs=baseline,
+                         ratio=round(ratio, 3), params=params, gmacs=round(macs / 1e9, 3),
+                         gflops=round(flop_per_img * ips / 1e9, 1), matmul_gflops=round(rate, 1),
+                         roofline_share=round(flop_per_img * ips / 1e9 / rate, 3),
+                         peak_mem_growth_mb=round(mem[k], 1)))
+    return rows

@@ -1,0 +1,75 @@
+"""ONNX (checked in onnxruntime) and torch.export, plus int8 and the benchmark command."""
+import json
+
+import pytest
+import torch
+
+import seqvision
+from seqvision import cli
+from seqvision.benchmark import BenchConfig, quantize_int8, run_benchmark
+from seqvision.export import check_onnx, export_onnx, export_program
+
+from conftest import random_state_dict
+
+SEQUENCERS = seqvision.list_models("*sequencer*")
+
+
+def shallow(name):
+    """Every variant's operators at depth one per stage, so the whole family exports in seconds."""
+    cfg = seqvision.registry.get_entry(name).config
+    model = seqvision.create_model(name, layers=(1,) * len(cfg.layers))
+    model.load_state_dict(random_state_dict(model, 0.05))
+    return model
+
+
+@pytest.mark.parametrize("name", [n for n in SEQUENCERS if "_[15]m_" not in n])
+def test_onnx_every_sequencer_variant(name, tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = shallow(name)
+    path = export_onnx(model, tmp_path / "m.onnx", img_size=28)
+    results = check_onnx(model, path, [28, 56], batch=3)
+    assert all(r["max_abs_diff"] <= 1e-4 for r in results), results
+
+
+def test_onnx_cli_small_preset(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    assert cli.main(["export", str(tmp_path / "s.onnx"), "--model", "sequencer2d_1m_28"]) == 0
+    out = capsys.readouterr().out
+    assert "at 28px" in out and "at 36px" in out
+
+
+def test_torch_export_dynamic_sides(tmp_path):
+    model = shallow("sequencer2d_s")
+    program = export_program(model, tmp_path / "s.pt2", img_size=28)
+    loaded = torch.export.load(str(tmp_path / "s.pt2"))
+    for size in [(28, 28), (42, 56)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            assert torch.allclose(loaded.module()(x), model(x), atol=1e-5)
+    assert len(program.range_constraints) >= 3  # batch, height and width stayed symbolic
+
+
+def test_int8_agrees_with_fp32():
+    model = seqvision.create_model("sequencer2d_1m_28").eval()
+    model.load_state_dict(random_state_dict(model, 0.05))
+    fp = seqvision.create_model("sequencer2d_1m_28").eval()
+    fp.load_state_dict(model.state_dict())
+    q = quantize_int8(model)
+    x = torch.randn(64, 1, 28, 28)
+    with torch.no_grad():
+        a, b = fp(x), q(x)
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in q.modules())
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.9
+    assert torch.allclose(a, b, atol=0.1 * a.abs().max().item())
+
+
+def test_benchmark_rows(tmp_path, capsys):
+    rows = run_benchmark(BenchConfig(model="sequencer2d_1m_28", batch_size=4, rounds=2, warmup=1, mode="train"))
+    impls = {r["impl"] for r in rows}
+    assert {"seqvision[auto]", "seqvision[reference]", "timm"} <= impls
+    assert all(r["ratio_vs"] == "timm" and r["img_per_s"] > 0 and 0 < r["roofline_share"] for r in rows)
+    assert next(r for r in rows if r["impl"] == "timm")["ratio"] == 1.0
+    out = tmp_path / "b.json"
+    assert cli.main(["benchmark", "--model", "vit_1m_28", "--batch-size", "2", "--rounds", "2", "--mode", "infer",
+                     "--output", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["model"] == "vit_1m_28"
