@@ -162,13 +162,13 @@ def cmd_benchmark(args) -> None:
 def cmd_export(args) -> None:
     from . import create_model
     from .checkpoint import load_for_inference
-    from .export import check_onnx, export_onnx, export_program
+    from .export import check_onnx, dynamic_sides, export_onnx, export_program
 
     model = load_for_inference(args.checkpoint)[0] if args.checkpoint else create_model(args.model)
     if args.format == "onnx":
         export_onnx(model, args.dst, args.img_size or None)
         base = args.img_size or model.cfg.img_size[0]
-        sizes = [base] if getattr(model, "fixed_input_size", False) else [base, base + 2 * model.stride]
+        sizes = [base, base + 2 * model.stride] if dynamic_sides(model) else [base]
         for r in check_onnx(model, args.dst, sizes):
             print(f"onnxruntime vs PyTorch at {r['size']}px, batch {r['batch']}: max abs diff {r['max_abs_diff']:.2e}")
     else:
