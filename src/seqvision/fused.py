@@ -33,8 +33,11 @@ def native_extension():
     global _NATIVE
     if _NATIVE is None:
         try:
+            import logging
+
             from torch.utils.cpp_extension import load
 
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" on CPU hosts
             # torch looks for ninja on PATH; a venv's own ninja sits beside its python.
             os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
             src = Path(__file__).parent / "csrc" / "lstm_recurrence.cpp"

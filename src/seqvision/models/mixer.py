@@ -133,11 +133,16 @@ PRESETS = {
     "mixer_s32_224": MixerConfig(patch_size=32),
     "mixer_b16_224": MixerConfig(embed_dim=768, depth=12),
 }
-# Small-image presets at the Sequencer's budgets: 4x4 patches, grey at 28 and RGB at 32, 10 classes.
-for _s in (28, 32):
-    _small = dict(patch_size=4, img_size=(_s, _s), in_chans=1 if _s == 28 else 3, num_classes=10)
-    PRESETS[f"mixer_1m_{_s}"] = MixerConfig(embed_dim=128, depth=7, **_small)
-    PRESETS[f"mixer_5m_{_s}"] = MixerConfig(embed_dim=256, depth=9, **_small)
+
+
+def _small(budget: str, size: int) -> MixerConfig:
+    """Small-image presets at the Sequencer's budgets: 4x4 patches, grey at 28 and RGB at 32, 10 classes."""
+    dim, depth = {"1m": (128, 7), "5m": (256, 9)}[budget]
+    return MixerConfig(embed_dim=dim, depth=depth, patch_size=4, img_size=(size, size),
+                       in_chans=1 if size == 28 else 3, num_classes=10)
+
+
+PRESETS.update({f"mixer_{b}_{s}": _small(b, s) for b in ("1m", "5m") for s in (28, 32)})
 
 HUB_IDS = {"mixer_b16_224": "timm/mixer_b16_224.goog_in21k_ft_in1k"}
 

@@ -205,11 +205,16 @@ PRESETS = {
     "vit_small_patch16_224": _vit(384, 12, 6),
     "vit_base_patch16_224": _vit(768, 12, 12),
 }
-# Small-image presets at the Sequencer's budgets: 4x4 patches, grey at 28 and RGB at 32, 10 classes.
-for _s in (28, 32):
-    _small = dict(patch_size=4, img_size=(_s, _s), in_chans=1 if _s == 28 else 3, num_classes=10)
-    PRESETS[f"vit_1m_{_s}"] = _vit(128, 5, 4, **_small)
-    PRESETS[f"vit_5m_{_s}"] = _vit(256, 6, 8, **_small)
+
+
+def _small(budget: str, size: int) -> ViTConfig:
+    """Small-image presets at the Sequencer's budgets: 4x4 patches, grey at 28 and RGB at 32, 10 classes."""
+    dim, depth, heads = {"1m": (128, 5, 4), "5m": (256, 6, 8)}[budget]
+    return _vit(dim, depth, heads, patch_size=4, img_size=(size, size), in_chans=1 if size == 28 else 3,
+                num_classes=10)
+
+
+PRESETS.update({f"vit_{b}_{s}": _small(b, s) for b in ("1m", "5m") for s in (28, 32)})
 
 HUB_IDS = {
     "deit_tiny_patch16_224": "timm/deit_tiny_patch16_224.fb_in1k",
