@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
@@ -166,3 +167,29 @@ def to_fmt(x: torch.Tensor, output_fmt: str) -> torch.Tensor:
     if output_fmt == "NCHW":
         return x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
     raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+
+
+def run_blocks(blocks, x: torch.Tensor, checkpointing: bool = False):
+    """Yield the output of each block in turn, recomputing activations in backward when `checkpointing`."""
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False) if checkpointing and torch.is_grad_enabled() else block(x)
+        yield x
+
+
+class TokenClassifier(nn.Module):
+    """The module API that ViT and Mixer share: a Linear `head`, a `blocks` sequence, grad checkpointing."""
+
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = classifier(self.num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ..layers import DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply, take_indices, to_fmt
+from ..layers import (DropPath, Mlp, PatchEmbed, TokenClassifier, check_image, drop_path_rates, init_weights,
+                      named_apply, run_blocks, take_indices, to_fmt)
 from ..registry import register_family
 
 
@@ -51,7 +51,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp_channels(self.norm2(x)))
 
 
-class MlpMixer(nn.Module):
+class MlpMixer(TokenClassifier):
     """MLP-Mixer with timm's module API.
 
     Args:
@@ -77,29 +77,13 @@ class MlpMixer(nn.Module):
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=cfg.embed_dim, reduction=cfg.patch_size, module=f"blocks.{i}")
                              for i in range(cfg.depth)]
-        self.grad_checkpointing = False
         named_apply(init_weights, self)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = classifier(self.num_features, num_classes)
 
     def _blocks(self, x: torch.Tensor):
         check_image(x, self.cfg.in_chans, self.stride, fixed=self.cfg.img_size)
         x = self.stem(x)  # (B, C_in, H, W) -> (B, h, w, C)
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, h, w, C) -> (B, N, C)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-            yield x
+        yield from run_blocks(self.blocks, x, self.grad_checkpointing)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> normalised tokens (B, N, C)."""
@@ -110,9 +94,6 @@ class MlpMixer(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x.mean(dim=1))  # (B, N, C) -> (B, C)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):

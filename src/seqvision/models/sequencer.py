@@ -11,10 +11,9 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply,
-                      resample_grid, take_indices, to_fmt)
+                      resample_grid, run_blocks, take_indices, to_fmt)
 from ..registry import register_family
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -166,12 +165,8 @@ class Stage(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        for x in run_blocks(self.blocks, self.downsample(x), self.grad_checkpointing):
+            pass
         return x
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ..layers import DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, resample_grid, take_indices, to_fmt
+from ..layers import (DropPath, Mlp, PatchEmbed, TokenClassifier, check_image, drop_path_rates, resample_grid,
+                      run_blocks, take_indices, to_fmt)
 from ..registry import register_family
 
 
@@ -88,7 +88,7 @@ def init_vit(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(TokenClassifier):
     """ViT/DeiT with a class token and timm's module API.
 
     Args:
@@ -115,20 +115,9 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=cfg.embed_dim, reduction=cfg.patch_size, module=f"blocks.{i}")
                              for i in range(cfg.depth)]
-        self.grad_checkpointing = False
         nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-2.0, b=2.0)
         nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(init_vit)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = classifier(self.num_features, num_classes)
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """The (1, 1 + h*w, C) position embedding for a patch grid of (h, w)."""
@@ -158,12 +147,7 @@ class VisionTransformer(nn.Module):
         return x + self.pos_embed_for((h, w)), (h, w)
 
     def _blocks(self, x: torch.Tensor):
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-            yield x
+        yield from run_blocks(self.blocks, x, self.grad_checkpointing)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> normalised tokens (B, 1 + H*W/p^2, C), class token first."""
@@ -175,9 +159,6 @@ class VisionTransformer(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x[:, 0])  # the class token
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
