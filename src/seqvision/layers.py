@@ -177,9 +177,21 @@ def run_blocks(blocks, x: torch.Tensor, checkpointing: bool = False):
 
 
 class TokenClassifier(nn.Module):
-    """The module API that ViT and Mixer share: a Linear `head`, a `blocks` sequence, grad checkpointing."""
+    """The module API that ViT and Mixer share: a Linear `head`, a `blocks` sequence, grad checkpointing.
+
+    Args:
+        cfg: the family's config; it needs patch_size, embed_dim, img_size and num_classes.
+    """
 
     grad_checkpointing = False
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.num_features = cfg.embed_dim
+        self.stride = cfg.patch_size
+        self.grid = (cfg.img_size[0] // cfg.patch_size, cfg.img_size[1] // cfg.patch_size)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

@@ -63,12 +63,7 @@ class MlpMixer(TokenClassifier):
     fixed_input_size = True
 
     def __init__(self, cfg: MixerConfig = MixerConfig()):
-        super().__init__()
-        self.cfg = cfg
-        self.num_classes = cfg.num_classes
-        self.num_features = cfg.embed_dim
-        self.stride = cfg.patch_size
-        self.grid = (cfg.img_size[0] // cfg.patch_size, cfg.img_size[1] // cfg.patch_size)
+        super().__init__(cfg)
         self.stem = PatchEmbed(cfg.in_chans, cfg.embed_dim, cfg.patch_size)
         rates = drop_path_rates(cfg.drop_path_rate, (cfg.depth,))[0]
         self.blocks = nn.Sequential(*[Block(cfg, self.grid[0] * self.grid[1], p) for p in rates])

@@ -99,12 +99,7 @@ class VisionTransformer(TokenClassifier):
     first_conv = "patch_embed.proj"
 
     def __init__(self, cfg: ViTConfig = ViTConfig()):
-        super().__init__()
-        self.cfg = cfg
-        self.num_classes = cfg.num_classes
-        self.num_features = cfg.embed_dim
-        self.stride = cfg.patch_size
-        self.grid = (cfg.img_size[0] // cfg.patch_size, cfg.img_size[1] // cfg.patch_size)
+        super().__init__(cfg)
         self.patch_embed = PatchEmbed(cfg.in_chans, cfg.embed_dim, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], cfg.embed_dim))
