@@ -40,11 +40,12 @@ def run_folder(cfg: TrainConfig) -> Path:
     return Path(cfg.output or f"runs/{cfg.model}-{data_name}")
 
 
-def make_loader(ds, batch: int, workers: int, batches=None, shuffle_sampler=None) -> DataLoader:
+def make_loader(ds, batch: int, workers: int, batches=None) -> DataLoader:
+    """In-order batches of `batch`, or exactly the index lists in `batches`."""
     kw = dict(num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
     if batches is not None:
         return DataLoader(ds, batch_sampler=batches, **kw)
-    return DataLoader(ds, batch_size=batch, sampler=shuffle_sampler, **kw)
+    return DataLoader(ds, batch_size=batch, **kw)
 
 
 def epoch_batches(sampler: DistributedSampler, epoch: int, micro: int) -> list[list[int]]:
