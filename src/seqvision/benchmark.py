@@ -110,7 +110,7 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> list[dict]:
     if ref is not None:
         ref.load_state_dict(ours.state_dict())
         impls["timm"] = ref
-    baseline = "timm" if "timm" in impls else next(iter(impls))
+    baseline = next((k for k in ("timm", "seqvision[reference]") if k in impls), next(iter(impls)))
     macs = count_macs(ours, (ours.cfg.in_chans, size, size))
     params = count_params(ours)
     rate = matmul_gflops()
