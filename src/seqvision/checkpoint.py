@@ -76,3 +76,20 @@ def load_for_inference(path: str | Path):
     if len(classes) != model.num_classes:
         raise ValueError(f"{weights}: {len(classes)} class names for a {model.num_classes}-class head")
     return model, classes, data
+
+
+def eval_transform(model, data: dict, img_size: int = 0, crop_pct: float = 0.0):
+    """(transform, side) for evaluating `model` the way its run was evaluated, unless overridden.
+
+    Args:
+        model: the loaded model (its config gives channels and the default size).
+        data: the run's data settings from the weights' metadata (`load_for_inference`).
+        img_size: evaluation side; 0 keeps the training size.
+        crop_pct: centre-crop fraction for large images; 0 keeps the run's.
+    """
+    from .data import build_transform
+
+    size = img_size or data.get("img_size") or model.cfg.img_size[0]
+    tf = build_transform(False, size, model.cfg.in_chans, tuple(data.get("mean", (0.485, 0.456, 0.406))),
+                         tuple(data.get("std", (0.229, 0.224, 0.225))), crop_pct or data.get("crop_pct", 0.875))
+    return tf, size

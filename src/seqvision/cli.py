@@ -58,17 +58,15 @@ def cmd_train(args) -> None:
 def cmd_validate(args) -> None:
     import torch
 
-    from .checkpoint import load_for_inference
-    from .data import Seeded, build_datasets, build_transform
+    from .checkpoint import eval_transform, load_for_inference
+    from .data import Seeded, build_datasets
     from .engine import evaluate
 
     model, classes, data = load_for_inference(args.checkpoint)
     spec = build_datasets(args.data, args.val_fraction, args.seed, args.skip_corrupt, args.data_root)
     if spec.classes != classes:
         raise ValueError(f"{args.checkpoint}: the model's classes {classes} disagree with {args.data}'s {spec.classes}")
-    size = args.img_size or data.get("img_size") or model.cfg.img_size[0]
-    tf = build_transform(False, size, model.cfg.in_chans, tuple(data.get("mean", (0.485, 0.456, 0.406))),
-                         tuple(data.get("std", (0.229, 0.224, 0.225))), args.crop_pct or data.get("crop_pct", 0.875))
+    tf, size = eval_transform(model, data, args.img_size, args.crop_pct)
     loader = torch.utils.data.DataLoader(Seeded(spec.val, tf, 0), batch_size=args.batch_size, num_workers=args.workers)
     m = evaluate(model, loader, torch.device("cpu"), len(classes))
     m["classes"], m["img_size"] = classes, size
@@ -100,13 +98,11 @@ def _write_validation(m: dict, folder: str) -> None:
 def cmd_predict(args) -> None:
     import torch
 
-    from .checkpoint import load_for_inference
-    from .data import ImageFiles, build_transform
+    from .checkpoint import eval_transform, load_for_inference
+    from .data import ImageFiles
 
     model, classes, data = load_for_inference(args.checkpoint)
-    size = data.get("img_size") or model.cfg.img_size[0]
-    tf = build_transform(False, size, model.cfg.in_chans, tuple(data.get("mean", (0.485, 0.456, 0.406))),
-                         tuple(data.get("std", (0.229, 0.224, 0.225))), data.get("crop_pct", 0.875))
+    tf, _ = eval_transform(model, data)
     reader = ImageFiles([], classes)
     results = []
     with torch.no_grad():
@@ -177,18 +173,18 @@ def cmd_export(args) -> None:
 
 
 def cmd_quantize(args) -> None:
+    import copy
+
     import torch
 
     from .benchmark import quantize_int8
-    from .checkpoint import load_for_inference
-    from .data import Seeded, build_datasets, build_transform
+    from .checkpoint import eval_transform, load_for_inference
+    from .data import Seeded, build_datasets
 
     model, classes, data = load_for_inference(args.checkpoint)
-    qmodel = quantize_int8(load_for_inference(args.checkpoint)[0])
+    qmodel = quantize_int8(copy.deepcopy(model))
     spec = build_datasets(args.data, data_root=args.data_root)
-    size = data.get("img_size") or model.cfg.img_size[0]
-    tf = build_transform(False, size, model.cfg.in_chans, tuple(data.get("mean", (0.485, 0.456, 0.406))),
-                         tuple(data.get("std", (0.229, 0.224, 0.225))), data.get("crop_pct", 0.875))
+    tf, _ = eval_transform(model, data)
     ds = Seeded(spec.val, tf, 0)
     n = min(args.limit or len(ds), len(ds))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=256)
