@@ -15,13 +15,19 @@ HAVE_NATIVE = native_extension() is not None
 LSTM_BACKENDS = ["fused"] + (["native"] if HAVE_NATIVE else [])
 
 
-def compare(name: str, backend: str, size, **overrides):
+def pair(name: str, backend: str, **overrides):
+    """The reference model and one on `backend`, with the same random (non-zero head) weights."""
     ref = seqvision.create_model(name, backend="reference", **overrides)
     sd = random_state_dict(ref, 0.05)
     ref.load_state_dict(sd)
     fast = seqvision.create_model(name, backend=backend, **overrides)
     fast.load_state_dict(sd)
-    x = torch.randn(2, 3, *size)
+    return ref, fast
+
+
+def compare(name: str, backend: str, size, **overrides):
+    ref, fast = pair(name, backend, **overrides)
+    x = torch.randn(2, ref.cfg.in_chans, *size)
     outs = []
     for m in (ref, fast):
         y = m.train()(x)  # no dropout or drop path configured: train mode only enables autograd bookkeeping
@@ -48,6 +54,35 @@ def test_released_models_match_reference(name, backend, size):
 @pytest.mark.parametrize("size", [(28, 28), (42, 28)])
 def test_variants_match_reference(name, backend, size):
     compare(name, backend, size, layers=(1, 1, 2, 1))
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+def test_hidden_sizes_off_the_vector_width_match_reference():
+    # 4*D = 40 and 56: the recurrent matmul's 16-wide blocks plus its scalar tail
+    compare("sequencer2d_s", "native", (28, 42), layers=(1, 1, 1, 1), hidden_sizes=(10, 14, 14, 14))
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+@pytest.mark.parametrize("name,overrides", [
+    ("sequencer2d_s", {}), ("sequencer2d_s", {"hidden_sizes": (10, 14, 14, 14)}), ("sequencer2d_300k_28", {}),
+    *[(n, {}) for n in ("sequencer2d_s_unidirectional", "sequencer2d_s_add", "sequencer2d_s_vertical",
+                        "sequencer2d_s_horizontal", "sequencer2d_s_without_fc")]])
+@pytest.mark.parametrize("size", [(28, 28), (28, 56)])
+def test_inference_path_matches_reference(name, overrides, size):
+    """Eval mode outside autograd takes the fused block (cached weights, GEMM epilogues); batch 3 leaves
+    a partial tile of sequences."""
+    if "layers" not in overrides and not name.startswith("sequencer2d_300k"):
+        overrides = {**overrides, "layers": (1, 1, 2, 1)}
+    ref, fast = pair(name, "native", **overrides)
+    ref.eval(), fast.eval()
+    x = torch.randn(3, ref.cfg.in_chans, *size)
+    with torch.no_grad():
+        assert (ref(x) - fast(x)).abs().max().item() <= 1e-5
+        for m in (ref, fast):  # weights changed in place after a call: the cached stacked weights follow
+            for name_, p in m.named_parameters():
+                if "rnn" in name_:
+                    p.mul_(1.5)
+        assert (ref(x) - fast(x)).abs().max().item() <= 1e-5
 
 
 def test_auto_picks_native_for_lstm_only():

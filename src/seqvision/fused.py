@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from torch import nn
 
 BACKENDS = ("auto", "reference", "fused", "native")
 _NATIVE = None  # the compiled extension once built; False when the build failed
+_MKLDNN = torch.backends.mkldnn.is_available()
 
 
 def native_extension():
@@ -41,8 +43,9 @@ def native_extension():
             # torch looks for ninja on PATH; a venv's own ninja sits beside its python.
             os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
             src = Path(__file__).parent / "csrc" / "lstm_recurrence.cpp"
-            _NATIVE = load("seqvision_lstm_recurrence", [str(src)], extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                           extra_ldflags=["-lmvec", "-fopenmp"],
+            _NATIVE = load("seqvision_lstm_recurrence", [str(src)], extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512",
+                                                                      "-ffast-math", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"],
                            verbose=False)
         except Exception as e:  # no compiler, no headers, no ninja: run the Python paths instead
             warnings.warn(f"seqvision: native BiLSTM2D unavailable ({type(e).__name__}: {str(e)[:200]}); "
@@ -56,8 +59,8 @@ class _NativeBiLSTM2d(torch.autograd.Function):
     (b_ih + b_hh, added in the cell), w_hh (K, 4D, D) -> (B, H, W, K*D), direction k's hidden states at
     channels [k*D, (k+1)*D).
 
-    `groups` lists (slots, axes, reverses) of directions that step together: all K when H == W, else
-    one group per axis (their sequence lengths differ).
+    `groups` lists (slots, axes, reverses) of directions that step together (see `_groups`); a group's
+    slots are consecutive, so its W_hh is a contiguous slice.
     """
 
     @staticmethod
@@ -68,7 +71,7 @@ class _NativeBiLSTM2d(torch.autograd.Function):
         save = any(ctx.needs_input_grad)
         saved = []
         for slots, axes, reverses in groups:
-            saved += ext.lstm_forward(xg, bias, w_hh[slots].contiguous(), out, slots, axes, reverses, save)
+            saved += ext.lstm_forward(xg, bias, w_hh[slots[0]: slots[-1] + 1], out, slots, axes, reverses, save)
         ctx.groups = groups
         ctx.save_for_backward(w_hh, *saved)
         return out
@@ -82,8 +85,8 @@ class _NativeBiLSTM2d(torch.autograd.Function):
         grad_w = torch.empty_like(w_hh)
         for i, (slots, axes, reverses) in enumerate(ctx.groups):
             hs, cs, acts = saved[3 * i: 3 * i + 3]
-            grad_w[slots] = ext.lstm_backward(grad_out, grad_xg, hs, cs, acts, w_hh[slots].contiguous(),
-                                              slots, axes, reverses)
+            ks = slice(slots[0], slots[-1] + 1)
+            grad_w[ks] = ext.lstm_backward(grad_out, grad_xg, hs, cs, acts, w_hh[ks], slots, axes, reverses)
         return grad_xg, grad_xg.sum(dim=(0, 1, 2)), grad_w, None
 
 
@@ -142,6 +145,110 @@ def _run(kind: str, xg: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor) ->
     return torch.stack(outs, dim=1)
 
 
+def _groups(dirs: list, H: int, W: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """(slots, axes, reverses) of the directions that step together: all of them when H == W (equal
+    lengths), else one group per axis. Slots of a group are consecutive, directions being ordered by axis."""
+    names = list(dict.fromkeys(name for name, _, _ in dirs))
+    groups = [list(range(len(dirs)))] if H == W else [[k for k, d in enumerate(dirs) if d[0] == a] for a in names]
+    return [(ks, [0 if dirs[k][0] == "v" else 1 for k in ks], [dirs[k][1] for k in ks]) for ks in groups]
+
+
+def _stacked(m, fold: bool):
+    """Every direction's weights stacked as one: (dirs, W_ih (K*G, C), bias (K*G,), W_hh (K, G, D)).
+
+    Outside autograd the result is cached on the module until a parameter changes (its version counter or
+    storage moves), so inference does not concatenate weights on every call.
+    """
+    rnns = [(name, r) for name, r in (("v", m.rnn_v), ("h", m.rnn_h)) if r is not None]
+    dirs = [(name, d, w) for name, r in rnns for d, w in enumerate(_directions(r))]
+    grad = torch.is_grad_enabled()
+    key = None if grad else (fold, tuple((p.data_ptr(), p._version) for _, _, w in dirs for p in w))
+    cached = m.__dict__.get("_stacked_cache")
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    w_ih = torch.cat([w[0] for _, _, w in dirs])
+    b_ih = torch.cat([w[2] + w[3] if fold else w[2] for _, _, w in dirs])
+    w_hh = torch.stack([w[1] for _, _, w in dirs])
+    value = (dirs, w_ih, b_ih, w_hh)
+    if key is not None:
+        m.__dict__["_stacked_cache"] = (key, value)  # not a buffer: never saved, moved or counted
+    return value
+
+
+class _Scratch(threading.local):
+    buf: torch.Tensor | None = None
+
+
+_SCRATCH = _Scratch()
+
+
+def _scratch(n: int) -> torch.Tensor:
+    """A float32 buffer of n elements reused across inference calls (one per thread). A fresh tensor of
+    tens of MB comes from mmap and page-faults on first touch every call, which halves the GEMM rate."""
+    if _SCRATCH.buf is None or _SCRATCH.buf.numel() < n:
+        _SCRATCH.buf = torch.empty(n)
+    return _SCRATCH.buf[:n]
+
+
+def native_mix(m, x: torch.Tensor) -> torch.Tensor:
+    """The native recurrence outside autograd (inference): (B, H, W, C) float32 -> (B, H, W, K*D)."""
+    B, H, W, C = x.shape
+    dirs, w_ih, bias, w_hh = _stacked(m, fold=True)
+    K, G, D = w_hh.shape
+    xg = _scratch(B * H * W * K * G).view(B * H * W, K * G)
+    torch.mm(x.reshape(B * H * W, C), w_ih.t(), out=xg)  # (B*H*W, C) @ (C, K*G): all directions, one GEMM
+    xg = xg.view(B, H, W, K, G)  # (B*H*W, K*G) -> (B, H, W, K, G)
+    out = x.new_empty(B, H, W, K * D)
+    ext = native_extension()
+    for slots, axes, reverses in _groups(dirs, H, W):
+        ext.lstm_forward(xg, bias.view(K, G), w_hh[slots[0]: slots[-1] + 1], out, slots, axes, reverses, False)
+    return out
+
+
+def fast_inference(m, x: torch.Tensor) -> bool:
+    """Whether a block with token mixer `m` may take `block_inference` for input x."""
+    return getattr(m, "backend", None) == "native" and not torch.is_grad_enabled() and \
+        x.dtype == torch.float32 and x.device.type == "cpu"
+
+
+def _linear_gelu(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
+    if _MKLDNN:  # GELU as the GEMM's epilogue: one pass over the widest activation instead of three
+        return torch.ops.mkldnn._linear_pointwise(x, fc.weight, fc.bias, "gelu", [], "none")
+    return F.gelu(F.linear(x, fc.weight, fc.bias))
+
+
+def _linear_add(x: torch.Tensor, fc: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
+    if _MKLDNN:  # the residual add as the GEMM's epilogue
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, fc.weight, fc.bias, "add")
+    return torch.addmm(fc.bias, x, fc.weight.t()).add_(residual)
+
+
+def block_inference(blk, x: torch.Tensor) -> torch.Tensor:
+    """A Sequencer block (seqvision.models.sequencer.Block) in eval mode outside autograd, on CPU float32,
+    with the native BiLSTM2D: the same math as Block.forward, with the input projection written into a
+    reused buffer, the MLP's GELU and both residual adds fused into their GEMMs, and weights cached."""
+    B, H, W, C = x.shape
+    rnn, mlp = blk.rnn_tokens, blk.mlp_channels
+    x = x.reshape(B * H * W, C)  # (B, H, W, C) -> (B*H*W, C); the residual stream stays contiguous
+    y = F.layer_norm(x, (C,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps).view(B, H, W, C)
+    mixed = _union(rnn, native_mix(rnn, y), sum(r is not None for r in (rnn.rnn_v, rnn.rnn_h)))
+    mixed = mixed.reshape(B * H * W, -1)  # (B, H, W, M) -> (B*H*W, M)
+    x = _linear_add(mixed, rnn.fc, x) if rnn.fc is not None else x + mixed
+    y = F.layer_norm(x, (C,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+    if isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none":
+        hidden = _linear_gelu(y, mlp.fc1)
+    else:
+        hidden = mlp.act(mlp.fc1(y))
+    return _linear_add(hidden, mlp.fc2, x).view(B, H, W, C)  # (B*H*W, C) -> (B, H, W, C)
+
+
+def _union(m, out: torch.Tensor, axes: int) -> torch.Tensor:
+    if m.union == "add" and axes == 2:
+        half = out.shape[-1] // 2
+        return out[..., :half] + out[..., half:]
+    return out
+
+
 def rnn2d_fused(m, x: torch.Tensor, native: bool = False) -> torch.Tensor:
     """BiLSTM2D's token mixing (before its fc) for module `m` (seqvision.models.sequencer.RNN2d).
 
@@ -151,24 +258,18 @@ def rnn2d_fused(m, x: torch.Tensor, native: bool = False) -> torch.Tensor:
     B, H, W, C = x.shape
     kind = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn"}[type(m.rnn_v or m.rnn_h)]
     axes = [(name, r) for name, r in (("v", m.rnn_v), ("h", m.rnn_h)) if r is not None]
-    dirs = [(name, d, w) for name, r in axes for d, w in enumerate(_directions(r))]
+    if native and not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu":
+        return _union(m, native_mix(m, x), len(axes))
     # Fold b_hh into the input projection where the cell adds it unchanged (LSTM, tanh-RNN); GRU keeps
     # b_hn inside r * (h W_hn + b_hn), so its b_hh stays on the recurrent side.
     fold = kind != "gru"
-    w_ih = torch.cat([w[0] for _, _, w in dirs])
-    b_ih = torch.cat([w[2] + w[3] if fold else w[2] for _, _, w in dirs])
+    dirs, w_ih, b_ih, w_hh = _stacked(m, fold)
     G = dirs[0][2][0].shape[0]
     if native:
         xg = F.linear(x, w_ih).view(B, H, W, len(dirs), G)  # (B, H, W, C) -> (B, H, W, K, G): one GEMM
-        groups = [list(range(len(dirs)))] if H == W else [[k for k, dd in enumerate(dirs) if dd[0] == a] for a, _ in axes]
-        groups = [(ks, [0 if dirs[k][0] == "v" else 1 for k in ks], [dirs[k][1] for k in ks]) for ks in groups]
-        w_hh = torch.stack([w[1] for _, _, w in dirs]).float()  # (K, 4D, D)
         bias = b_ih.view(len(dirs), G).float()
-        out = _NativeBiLSTM2d.apply(xg.float().contiguous(), bias, w_hh, groups).to(x.dtype)  # (B, H, W, K*D)
-        if m.union == "add" and len(axes) == 2:
-            half = out.shape[-1] // 2
-            return out[..., :half] + out[..., half:]
-        return out
+        out = _NativeBiLSTM2d.apply(xg.float().contiguous(), bias, w_hh.float(), _groups(dirs, H, W)).to(x.dtype)
+        return _union(m, out, len(axes))  # (B, H, W, K*D)
     xg = F.linear(x, w_ih, b_ih).view(B, H, W, len(dirs), G)  # (B, H, W, C) -> (B, H, W, K, G): one GEMM
 
     def seqs(name: str, d: int, k: int) -> torch.Tensor:
@@ -185,9 +286,8 @@ def rnn2d_fused(m, x: torch.Tensor, native: bool = False) -> torch.Tensor:
         return y.reshape(W, B, H, -1).permute(1, 2, 0, 3)
 
     inputs = [seqs(name, d, k) for k, (name, d, _) in enumerate(dirs)]
-    groups = [list(range(len(dirs)))] if H == W else [[k for k, dd in enumerate(dirs) if dd[0] == a] for a, _ in axes]
     outs: list[torch.Tensor | None] = [None] * len(dirs)
-    for ks in groups:
+    for ks, _, _ in _groups(dirs, H, W):
         w_hh = torch.stack([dirs[k][2][1] for k in ks])
         b_hh = torch.stack([torch.zeros_like(dirs[k][2][3]) if fold else dirs[k][2][3] for k in ks]).unsqueeze(1)
         ys = _run(kind, torch.stack([inputs[k] for k in ks]), w_hh, b_hh)

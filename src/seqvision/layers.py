@@ -68,7 +68,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
+        # (B, C, H, W) -> (B, H, W, C), contiguous: see seqvision.models.sequencer.Downsample
+        return self.proj(x).permute(0, 2, 3, 1).contiguous()
 
 
 def check_image(x: torch.Tensor, in_chans: int, stride: int, fixed: tuple[int, int] | None = None) -> None:

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..fused import block_inference, fast_inference, pick_backend, rnn2d_fused
 from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply,
                       resample_grid, run_blocks, take_indices, to_fmt)
 from ..registry import register_family
@@ -87,7 +88,6 @@ class RNN2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend in ("fused", "native"):
-            from ..fused import rnn2d_fused
             x = rnn2d_fused(self, x, native=self.backend == "native")
         else:
             x = self.mix(x)
@@ -140,6 +140,8 @@ class Block(nn.Module):
         self.mlp_channels = Mlp(dim, int(cfg.mlp_ratio * dim), drop=cfg.proj_drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and fast_inference(self.rnn_tokens, x):
+            return block_inference(self, x)
         x = x + self.drop_path(self.rnn_tokens(self.norm1(x)))
         return x + self.drop_path(self.mlp_channels(self.norm2(x)))
 
@@ -153,7 +155,9 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.down(x.permute(0, 3, 1, 2))  # (B, H, W, C) -> (B, C, H, W)
-        return x.permute(0, 2, 3, 1)  # (B, C', H', W') -> (B, H', W', C')
+        # (B, C', H', W') -> (B, H', W', C'), copied once here: as a permuted view, every residual add
+        # would keep its strides and every LayerNorm of the stage would copy it again.
+        return x.permute(0, 2, 3, 1).contiguous()
 
 
 class Stage(nn.Module):
@@ -218,7 +222,6 @@ class Sequencer(nn.Module):
 
     def set_backend(self, backend: str) -> None:
         """Run every BiLSTM2D with "reference" (torch's RNN modules), "fused" or "auto" (fastest available)."""
-        from ..fused import pick_backend
         for m in self.modules():
             if isinstance(m, RNN2d):
                 m.backend = pick_backend(m, backend)
