@@ -6,8 +6,9 @@ import torch
 
 import seqvision
 from seqvision import cli
-from seqvision.benchmark import BenchConfig, quantize_int8, run_benchmark
+from seqvision.benchmark import BenchConfig, run_benchmark
 from seqvision.export import check_onnx, dynamic_sides, export_onnx, export_program
+from seqvision.quantize import Int8Linear, quantize_int8
 
 from conftest import random_state_dict
 
@@ -54,18 +55,38 @@ def test_torch_export_dynamic_batch(tmp_path):
         loaded(torch.randn(1, 3, 56, 56))  # the sides were fixed at export time
 
 
-def test_int8_agrees_with_fp32():
-    model = seqvision.create_model("sequencer2d_1m_28").eval()
-    model.load_state_dict(random_state_dict(model, 0.05))
-    fp = seqvision.create_model("sequencer2d_1m_28").eval()
-    fp.load_state_dict(model.state_dict())
-    q = quantize_int8(model)
-    x = torch.randn(64, 1, 28, 28)
+def test_int8_linear_is_close_and_follows_its_buffers():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40)
+    q = Int8Linear(lin.weight, lin.bias)
+    x = torch.randn(3, 5, 96)
     with torch.no_grad():
-        a, b = fp(x), q(x)
-    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in q.modules())
-    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.9
-    assert torch.allclose(a, b, atol=0.1 * a.abs().max().item())
+        ref = lin(x)
+        got = q(x)
+        assert got.shape == (3, 5, 40)
+        assert ((got - ref).norm() / ref.norm()).item() < 0.02
+        q.bias.add_(1.0)  # packed weights are rebuilt when a buffer changes in place
+        assert ((q(x) - ref - 1.0).norm() / ref.norm()).item() < 0.02
+    assert {k: v.dtype for k, v in q.state_dict().items()} == {
+        "weight_int8": torch.int8, "weight_scale": torch.float32, "bias": torch.float32}
+    with pytest.raises(ValueError, match="expects 96 input features"):
+        q(torch.randn(2, 95))
+
+
+@pytest.mark.parametrize("name", ["sequencer2d_1m_28", "sequencer2d_s_add", "vit_1m_28", "mixer_1m_28"])
+def test_int8_agrees_with_fp32_and_round_trips(name, tmp_path):
+    model = shallow(name) if name.startswith("sequencer2d_s") else seqvision.create_model(name)
+    model.eval().load_state_dict(random_state_dict(model, 0.05))
+    q = quantize_int8(model)
+    assert not any(type(m) is torch.nn.Linear for m in q.modules())
+    assert any(type(m) is torch.nn.Linear for m in model.modules())  # the original is untouched
+    x = torch.randn(16, model.cfg.in_chans, 28, 28)
+    with torch.no_grad():
+        a, b = model(x), q(x)
+        assert ((a - b).norm() / a.norm()).item() < 0.05
+        seqvision.save_model(q, tmp_path / "q.safetensors")
+        loaded = seqvision.load_model(tmp_path / "q.safetensors").eval()
+        assert torch.equal(loaded(x), b)
 
 
 def test_benchmark_rows(tmp_path, capsys):

@@ -11,6 +11,7 @@ from torch import nn
 
 from . import create_model
 from .flops import count_macs, count_params
+from .quantize import quantize_int8
 
 
 @dataclass
@@ -81,15 +82,6 @@ def _step_fn(model: nn.Module, x: torch.Tensor, mode: str):
     return run
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 quantisation of the Linear and LSTM weights (CPU inference), on the reference path."""
-    from torch.ao.quantization import quantize_dynamic
-
-    if hasattr(model, "set_backend"):
-        model.set_backend("reference")
-    return quantize_dynamic(model.eval(), {nn.Linear, nn.LSTM}, dtype=torch.qint8)
-
-
 def run_benchmark(cfg: BenchConfig, progress=None) -> list[dict]:
     """Median img/s of each implementation and the median of per-round ratios to timm's (or the reference)."""
     if cfg.threads:
@@ -103,9 +95,7 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> list[dict]:
         m.load_state_dict(ours.state_dict())
         impls[f"seqvision[{backend}]" if ours.family == "sequencer" else "seqvision"] = m
     if cfg.int8 and cfg.mode == "infer":
-        q = create_model(cfg.model)
-        q.load_state_dict(ours.state_dict())
-        impls["seqvision[int8]"] = quantize_int8(q)
+        impls["seqvision[int8]"] = quantize_int8(ours)
     ref = timm_equivalent(ours) if cfg.timm else None
     if ref is not None:
         ref.load_state_dict(ours.state_dict())

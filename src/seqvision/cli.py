@@ -177,7 +177,7 @@ def cmd_quantize(args) -> None:
 
     import torch
 
-    from .benchmark import quantize_int8
+    from .quantize import quantize_int8
     from .checkpoint import eval_transform, load_for_inference
     from .data import Seeded, build_datasets
 
@@ -198,7 +198,8 @@ def cmd_quantize(args) -> None:
     row = {"images": n, "top1_agreement": round(100 * agree / n, 2), "fp32_top1": round(100 * correct_fp / n, 2),
            "int8_top1": round(100 * correct_q / n, 2)}
     if args.dst:
-        torch.save(qmodel.state_dict(), args.dst)
+        from .weights import save_model
+        save_model(qmodel, args.dst)
         row["saved"] = args.dst
     print(json.dumps(row) if args.json else "  ".join(f"{k} {v}" for k, v in row.items()))
 
@@ -295,15 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=0)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("quantize", help="dynamic int8 quantisation, measured for agreement with fp32",
-                       description="Quantise a trained checkpoint's Linear and LSTM weights to int8 (dynamic "
-                                   "quantisation, CPU inference) and report top-1 agreement with fp32 and both "
-                                   "accuracies on the validation split of --data.")
+    p = sub.add_parser("quantize", help="int8 CPU inference model, measured for agreement with fp32",
+                       description="Quantise a trained checkpoint to int8 for CPU inference (every Linear and "
+                                   "BiLSTM2D's input projection: int8 weights per channel, activations quantised "
+                                   "per batch; the recurrence stays float32) and report top-1 agreement with "
+                                   "fp32 and both accuracies on the validation split of --data.")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--data-root", default=None)
     p.add_argument("--limit", type=int, default=0, help="use the first N validation images (0: all)")
-    p.add_argument("--dst", default="", help="save the quantised state dict here (torch file)")
+    p.add_argument("--dst", default="", help="save the int8 model here (.safetensors; seqvision.load_model "
+                                             "rebuilds it)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_quantize)
     return parser

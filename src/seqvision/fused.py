@@ -27,7 +27,6 @@ from torch import nn
 
 BACKENDS = ("auto", "reference", "fused", "native")
 _NATIVE = None  # the compiled extension once built; False when the build failed
-_MKLDNN = torch.backends.mkldnn.is_available()
 
 
 def native_extension():
@@ -195,8 +194,12 @@ def native_mix(m, x: torch.Tensor) -> torch.Tensor:
     B, H, W, C = x.shape
     dirs, w_ih, bias, w_hh = _stacked(m, fold=True)
     K, G, D = w_hh.shape
-    xg = _scratch(B * H * W * K * G).view(B * H * W, K * G)
-    torch.mm(x.reshape(B * H * W, C), w_ih.t(), out=xg)  # (B*H*W, C) @ (C, K*G): all directions, one GEMM
+    proj = getattr(m, "proj_int8", None)  # set by seqvision.quantize.quantize_int8
+    if proj is not None:
+        xg = proj(x.reshape(B * H * W, C))
+    else:
+        xg = _scratch(B * H * W * K * G).view(B * H * W, K * G)
+        torch.mm(x.reshape(B * H * W, C), w_ih.t(), out=xg)  # (B*H*W, C) @ (C, K*G): all directions, one GEMM
     xg = xg.view(B, H, W, K, G)  # (B*H*W, K*G) -> (B, H, W, K, G)
     out = x.new_empty(B, H, W, K * D)
     ext = native_extension()
@@ -211,22 +214,24 @@ def fast_inference(m, x: torch.Tensor) -> bool:
         x.dtype == torch.float32 and x.device.type == "cpu"
 
 
-def _linear_gelu(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
-    if _MKLDNN:  # GELU as the GEMM's epilogue: one pass over the widest activation instead of three
-        return torch.ops.mkldnn._linear_pointwise(x, fc.weight, fc.bias, "gelu", [], "none")
-    return F.gelu(F.linear(x, fc.weight, fc.bias))
+def _linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
+    """gelu(fc(x)) for 2-D x, written into the reused buffer (so the caller must be done with it
+    before the next call that uses the buffer); GELU in place."""
+    if type(fc) is not nn.Linear:  # seqvision.quantize.Int8Linear
+        return torch.ops.aten.gelu_(fc(x))
+    hidden = _scratch(x.shape[0] * fc.out_features).view(x.shape[0], fc.out_features)
+    return torch.ops.aten.gelu_(torch.addmm(fc.bias, x, fc.weight.t(), out=hidden))
 
 
-def _linear_add(x: torch.Tensor, fc: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
-    if _MKLDNN:  # the residual add as the GEMM's epilogue
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, fc.weight, fc.bias, "add")
-    return torch.addmm(fc.bias, x, fc.weight.t()).add_(residual)
+def _linear_add(x: torch.Tensor, fc: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    y = fc(x) if type(fc) is not nn.Linear else torch.addmm(fc.bias, x, fc.weight.t())
+    return y.add_(residual)
 
 
 def block_inference(blk, x: torch.Tensor) -> torch.Tensor:
     """A Sequencer block (seqvision.models.sequencer.Block) in eval mode outside autograd, on CPU float32,
-    with the native BiLSTM2D: the same math as Block.forward, with the input projection written into a
-    reused buffer, the MLP's GELU and both residual adds fused into their GEMMs, and weights cached."""
+    with the native BiLSTM2D: the same math as Block.forward, with stacked weights cached and the two
+    widest activations (the input projection, the MLP's hidden layer) written into one reused buffer."""
     B, H, W, C = x.shape
     rnn, mlp = blk.rnn_tokens, blk.mlp_channels
     x = x.reshape(B * H * W, C)  # (B, H, W, C) -> (B*H*W, C); the residual stream stays contiguous

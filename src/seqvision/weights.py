@@ -154,8 +154,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike, drop_head: bool = Fa
 
 def model_metadata(model: nn.Module) -> dict[str, str]:
     cfg = dataclasses.asdict(model.cfg)
-    return {"format": "seqvision", "family": model.family, "config": json.dumps(cfg),
+    meta = {"format": "seqvision", "family": model.family, "config": json.dumps(cfg),
             "name": getattr(model, "pretrained_name", "")}
+    if getattr(model, "int8", False):  # seqvision.quantize.quantize_int8: rebuild the int8 modules on load
+        meta["int8"] = "1"
+    return meta
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -194,6 +197,9 @@ def load_model(path: str | os.PathLike, **overrides) -> nn.Module:
                            f"and load it with load_weights(model, path) instead")
     cfg = {**json.loads(meta["config"]), **overrides}
     model = build_from_config(meta["family"], cfg)
+    if meta.get("int8") == "1":
+        from .quantize import quantize_int8
+        model = quantize_int8(model)
     model.pretrained_name = meta.get("name", "")
     load_weights(model, path)
     return model
