@@ -1,17 +1,20 @@
-"""A fused BiLSTM2D in plain PyTorch, on the same weights as torch's RNN modules.
+"""Fast BiLSTM2D backends, on the same weights as torch's RNN modules.
 
-Two things make it faster than calling `nn.LSTM` twice per block:
+Two things make them faster than calling `nn.LSTM` twice per block:
 - the input projections of all directions (vertical/horizontal x forward/backward) are one GEMM over the
   normed input, with both biases folded in; about 80% of the LSTM's MACs are in it;
-- the recurrences of all directions step together: when H == W the four directions have the same length
-  and batch, so each timestep is one batched matmul h @ W_hh^T for all four, and one pointwise cell.
-Autograd differentiates the loop, so training uses it too. `backend="reference"` keeps torch's modules.
+- the recurrences of all directions run together: when H == W the four directions have the same length
+  and batch; otherwise each axis is a group of its own.
 
-Backends: "reference" (torch's modules), "fused" (the above, the cell as plain aten calls: it runs
-anywhere, but on a 2-core CPU it is slower than oneDNN's LSTM kernel, 0.74x inference at batch 128 on
-28x28), and "native" (the above with the LSTM recurrence, forward and backward, in C++: csrc/, compiled
-on first use with the machine's compiler). "auto" takes "native" for LSTM cells where it builds, else the
-reference; GRU and tanh-RNN cells stay on the reference unless forced.
+Backends: "reference" (torch's modules), "fused" (the above in plain PyTorch, each timestep one batched
+matmul and the cell as aten calls, differentiated by autograd: it runs anywhere, but on a 2-core CPU it
+is slower than oneDNN's LSTM kernel, 0.74x inference at batch 128 on 28x28), and "native" (the recurrence,
+forward and backward, in C++: csrc/lstm_recurrence.cpp, compiled on first use with the machine's
+compiler). "auto" takes "native" for LSTM cells where it builds, else the reference; GRU and tanh-RNN
+cells stay on the reference unless forced.
+
+Outside autograd (eval, no_grad) a block with the native backend runs `block_inference`: cached stacked
+weights, the widest activations in one reused buffer, GELU in place, nothing saved for backward.
 """
 from __future__ import annotations
 
@@ -42,9 +45,8 @@ def native_extension():
             # torch looks for ninja on PATH; a venv's own ninja sits beside its python.
             os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
             src = Path(__file__).parent / "csrc" / "lstm_recurrence.cpp"
-            _NATIVE = load("seqvision_lstm_recurrence", [str(src)], extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512",
-                                                                      "-ffast-math", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"],
+            flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"]
+            _NATIVE = load("seqvision_lstm_recurrence", [str(src)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                            verbose=False)
         except Exception as e:  # no compiler, no headers, no ninja: run the Python paths instead
             warnings.warn(f"seqvision: native BiLSTM2D unavailable ({type(e).__name__}: {str(e)[:200]}); "
@@ -81,12 +83,12 @@ class _NativeBiLSTM2d(torch.autograd.Function):
         w_hh, *saved = ctx.saved_tensors
         B, H, W, _ = grad_out.shape
         grad_xg = grad_out.new_empty(B, H, W, w_hh.shape[0], w_hh.shape[1])  # every slot is in one group
-        grad_w = torch.empty_like(w_hh)
+        grad_w, grad_b = torch.empty_like(w_hh), grad_out.new_empty(w_hh.shape[:2])
         for i, (slots, axes, reverses) in enumerate(ctx.groups):
             hs, cs, acts = saved[3 * i: 3 * i + 3]
             ks = slice(slots[0], slots[-1] + 1)
-            grad_w[ks] = ext.lstm_backward(grad_out, grad_xg, hs, cs, acts, w_hh[ks], slots, axes, reverses)
-        return grad_xg, grad_xg.sum(dim=(0, 1, 2)), grad_w, None
+            grad_w[ks], grad_b[ks] = ext.lstm_backward(grad_out, grad_xg, hs, cs, acts, w_hh[ks], slots, axes, reverses)
+        return grad_xg, grad_b, grad_w, None
 
 
 def pick_backend(module, requested: str) -> str:
@@ -208,6 +210,13 @@ def native_mix(m, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _union(m, out: torch.Tensor, axes: int) -> torch.Tensor:
+    if m.union == "add" and axes == 2:
+        half = out.shape[-1] // 2
+        return out[..., :half] + out[..., half:]
+    return out
+
+
 def fast_inference(m, x: torch.Tensor) -> bool:
     """Whether a block with token mixer `m` may take `block_inference` for input x."""
     return getattr(m, "backend", None) == "native" and not torch.is_grad_enabled() and \
@@ -245,13 +254,6 @@ def block_inference(blk, x: torch.Tensor) -> torch.Tensor:
     else:
         hidden = mlp.act(mlp.fc1(y))
     return _linear_add(hidden, mlp.fc2, x).view(B, H, W, C)  # (B*H*W, C) -> (B, H, W, C)
-
-
-def _union(m, out: torch.Tensor, axes: int) -> torch.Tensor:
-    if m.union == "add" and axes == 2:
-        half = out.shape[-1] // 2
-        return out[..., :half] + out[..., half:]
-    return out
 
 
 def rnn2d_fused(m, x: torch.Tensor, native: bool = False) -> torch.Tensor:

@@ -64,17 +64,22 @@ inline void block(const float* in, int64_t k, const float* w, int64_t ldw, float
     for (int v = 0; v < V; ++v) *(vec16*)(out + r * ldo + 16 * v) = acc[r][v];
 }
 
-// out (RT, n) = in (RT, k) @ w (k, n), all row-major and contiguous.
+// out (RT, n) = in (RT, k) @ w (k, n), all row-major and contiguous; n a multiple of 16 (callers pad).
 void tile_matmul(const float* in, int64_t k, const float* w, int64_t n, float* out) {
-  int64_t j = 0;
-  for (; j + 16 * VB <= n; j += 16 * VB) block<VB>(in, k, w + j, n, out + j, n);
-  for (; j + 16 <= n; j += 16) block<1>(in, k, w + j, n, out + j, n);
-  for (; j < n; ++j)
-    for (int64_t r = 0; r < RT; ++r) {
-      float s = 0.f;
-      for (int64_t d = 0; d < k; ++d) s += in[r * k + d] * w[d * n + j];
-      out[r * n + j] = s;
-    }
+  int64_t j = 0, vecs = n / 16;
+  for (; vecs >= VB; vecs -= VB, j += 16 * VB) block<VB>(in, k, w + j, n, out + j, n);
+  if (vecs == 3) block<3>(in, k, w + j, n, out + j, n);
+  if (vecs == 2) block<2>(in, k, w + j, n, out + j, n);
+  if (vecs == 1) block<1>(in, k, w + j, n, out + j, n);
+}
+
+inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// w (Kg, rows, cols) -> (Kg, rows, pad16(cols)) with zero columns, for tile_matmul.
+torch::Tensor pad_columns(const torch::Tensor& w) {
+  auto padded = torch::zeros({w.size(0), w.size(1), pad16(w.size(2))}, w.options());
+  padded.narrow(2, 0, w.size(2)).copy_(w);
+  return padded;
 }
 
 // The next step's input gates of a tile sit at scattered pixels, a pattern the hardware prefetcher does
@@ -125,7 +130,8 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor bias, to
   Geometry geo = geometry(xg, D, axis, reverse);
   const int64_t T = geo.T(), N = geo.N(), K = geo.K, OW = out.size(3), tiles = (N + RT - 1) / RT;
   auto opts = xg.options();
-  auto w_t = w_hh.transpose(1, 2).contiguous();  // (Kg, 4D, D) -> (Kg, D, 4D): h @ W_hh^T reads rows
+  const int64_t Gp = pad16(G);
+  auto w_t = pad_columns(w_hh.transpose(1, 2));  // (Kg, 4D, D) -> (Kg, D, Gp): h @ W_hh^T reads rows
   torch::Tensor hs, cs, acts;
   if (save) {
     hs = torch::empty({Kg, T, N, D}, opts);
@@ -138,7 +144,7 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor bias, to
   float* csp = save ? cs.data_ptr<float>() : nullptr;
   float* ap = save ? acts.data_ptr<float>() : nullptr;
   at::parallel_for(0, Kg * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> h(RT * D), c(RT * D), gates(RT * G);
+    std::vector<float> h(RT * D), c(RT * D), gates(RT * Gp);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t k = tile / tiles, n0 = tile % tiles * RT, rows = std::min(RT, N - n0);
       const float* br = bp + slots[k] * G;
@@ -149,11 +155,11 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor bias, to
       for (int64_t t = 0; t < T; ++t) {
         const int64_t shift = geo.step(k, t) * geo.stride(k);
         if (t + 1 < T) prefetch_rows(x, start, rows, geo.step(k, t + 1) * geo.stride(k), K, slots[k], G);
-        tile_matmul(h.data(), D, wp + k * D * G, G, gates.data());  // (RT, D) @ (D, 4D)
+        tile_matmul(h.data(), D, wp + k * D * Gp, Gp, gates.data());  // (RT, D) @ (D, Gp)
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t px = start[r] + shift;
           const float* xr = x + (px * K + slots[k]) * G;
-          float *g = gates.data() + r * G, *cr = c.data() + r * D, *hr = h.data() + r * D;
+          float *g = gates.data() + r * Gp, *cr = c.data() + r * D, *hr = h.data() + r * D;
           float* orow = o + px * OW + slots[k] * D;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) {
@@ -180,21 +186,24 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor bias, to
 }
 
 // Backpropagation through time for one group. grad_out: (B, H, W, K*D); grad_xg: (B, H, W, K, 4D),
-// written for this group's slots. Returns grad W_hh (Kg, 4D, D).
-torch::Tensor lstm_backward(torch::Tensor grad_out, torch::Tensor grad_xg, torch::Tensor hs, torch::Tensor cs,
+// written for this group's slots. Returns grad W_hh (Kg, 4D, D) and grad bias (Kg, 4D).
+std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor grad_xg, torch::Tensor hs, torch::Tensor cs,
                             torch::Tensor acts, torch::Tensor w_hh, std::vector<int64_t> slots,
                             std::vector<int64_t> axis, std::vector<int64_t> reverse) {
   grad_out = grad_out.contiguous();
   const int64_t Kg = hs.size(0), T = hs.size(1), N = hs.size(2), D = hs.size(3), G = 4 * D;
   Geometry geo = geometry(grad_xg, D, axis, reverse);
   const int64_t K = geo.K, OW = grad_out.size(3), tiles = (N + RT - 1) / RT;
-  auto w = w_hh.contiguous();  // (Kg, 4D, D): grad h_{t-1} = dgates_t @ W_hh reads rows
+  const int64_t Dp = pad16(D);
+  auto w = pad_columns(w_hh);  // (Kg, 4D, Dp): grad h_{t-1} = dgates_t @ W_hh reads rows
   auto dgs = torch::empty_like(acts);  // (Kg, T, N, 4D) gate gradients, for grad W_hh in one GEMM at the end
+  auto grad_b = torch::zeros({at::get_num_threads(), Kg, G}, hs.options());  // per-thread partial sums
   const float *go = grad_out.data_ptr<float>(), *hsp = hs.data_ptr<float>(), *csp = cs.data_ptr<float>(),
               *ap = acts.data_ptr<float>(), *wp = w.data_ptr<float>();
-  float *gx = grad_xg.data_ptr<float>(), *dgsp = dgs.data_ptr<float>();
+  float *gx = grad_xg.data_ptr<float>(), *dgsp = dgs.data_ptr<float>(), *gbp = grad_b.data_ptr<float>();
   at::parallel_for(0, Kg * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> dh(RT * D), dc(RT * D), dg(RT * G);
+    std::vector<float> dh(RT * Dp), dc(RT * D), dg(RT * G);
+    float* gb = gbp + at::get_thread_num() * Kg * G;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t k = tile / tiles, n0 = tile % tiles * RT, rows = std::min(RT, N - n0);
       std::fill(dh.begin(), dh.end(), 0.f);
@@ -210,7 +219,7 @@ torch::Tensor lstm_backward(torch::Tensor grad_out, torch::Tensor grad_xg, torch
           const float* ct = csp + at_t * D;
           const float* cprev = t > 0 ? csp + (at_t - N) * D : nullptr;
           const float* gor = go + px * OW + slots[k] * D;
-          float *dgr = dg.data() + r * G, *dhr = dh.data() + r * D, *dcr = dc.data() + r * D;
+          float *dgr = dg.data() + r * G, *dhr = dh.data() + r * Dp, *dcr = dc.data() + r * D;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) {
             const float i = a[d], f = a[D + d], g = a[2 * D + d], o = a[3 * D + d];
@@ -226,8 +235,11 @@ torch::Tensor lstm_backward(torch::Tensor grad_out, torch::Tensor grad_xg, torch
           }
           std::copy(dgr, dgr + G, gx + (px * K + slots[k]) * G);
           std::copy(dgr, dgr + G, dgsp + at_t * G);
+          float* gbk = gb + k * G;
+#pragma omp simd
+          for (int64_t j = 0; j < G; ++j) gbk[j] += dgr[j];
         }
-        if (t > 0) tile_matmul(dg.data(), G, wp + k * G * D, D, dh.data());  // (RT, 4D) @ (4D, D)
+        if (t > 0) tile_matmul(dg.data(), G, wp + k * G * Dp, Dp, dh.data());  // (RT, 4D) @ (4D, Dp)
       }
     }
   });
@@ -239,7 +251,7 @@ torch::Tensor lstm_backward(torch::Tensor grad_out, torch::Tensor grad_xg, torch
       at::mm_out(gw, dgs[k].narrow(0, 1, T - 1).reshape({-1, G}).t(),
                  hs[k].narrow(0, 0, T - 1).reshape({-1, D}));
     }
-  return grad_w;
+  return {grad_w, grad_b.sum(0)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
