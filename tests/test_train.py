@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import seqvision
 from seqvision import cli
 from seqvision.checkpoint import latest_checkpoint
 from seqvision.config import TrainConfig
@@ -76,6 +77,21 @@ def test_report_and_validate_and_predict(tree, trained_run, capsys, tmp_path):
         probs = [t["prob"] for t in p["top"]]
         assert len(probs) == 2 and 1 >= probs[0] >= probs[1] >= 0 and sum(probs) <= 1 + 1e-6
         assert p["top"][0]["label"] in ("cat", "dog", "fox")
+
+
+def test_quantize_command_writes_a_loadable_int8_model(tree, trained_run, capsys, tmp_path):
+    dst = tmp_path / "int8.safetensors"
+    assert cli.main(["quantize", "--checkpoint", str(trained_run), "--data", str(tree), "--val-fraction", "0.25",
+                     "--dst", str(dst), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["images"] == 9 and 0 <= row["top1_agreement"] <= 100 and row["saved"] == str(dst)
+    q = seqvision.load_model(dst).eval()
+    assert getattr(q, "int8", False) and any(type(m).__name__ == "Int8Linear" for m in q.modules())
+    fp = seqvision.load_model(trained_run / "best.safetensors").eval()
+    x = torch.randn(4, fp.cfg.in_chans, *fp.cfg.img_size)
+    with torch.no_grad():
+        a, b = fp(x), q(x)
+    assert ((a - b).norm() / a.norm()).item() < 0.05
 
 
 def test_classes_disagreeing_with_checkpoint(tree, trained_run, tmp_path, capsys):

@@ -183,7 +183,7 @@ def cmd_quantize(args) -> None:
 
     model, classes, data = load_for_inference(args.checkpoint)
     qmodel = quantize_int8(copy.deepcopy(model))
-    spec = build_datasets(args.data, data_root=args.data_root)
+    spec = build_datasets(args.data, args.val_fraction, args.seed, data_root=args.data_root)
     tf, _ = eval_transform(model, data)
     ds = Seeded(spec.val, tf, 0)
     n = min(args.limit or len(ds), len(ds))
@@ -301,9 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "BiLSTM2D's input projection: int8 weights per channel, activations quantised "
                                    "per batch; the recurrence stays float32) and report top-1 agreement with "
                                    "fp32 and both accuracies on the validation split of --data.")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--checkpoint", required=True, help="run folder or .safetensors file")
+    p.add_argument("--data", required=True, help="dataset name or folder, as for train")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of a single class-folder tree")
+    p.add_argument("--seed", type=int, default=0, help="seed of that split (use the training seed)")
+    p.add_argument("--data-root", default=None, help="where a named dataset's files are")
     p.add_argument("--limit", type=int, default=0, help="use the first N validation images (0: all)")
     p.add_argument("--dst", default="", help="save the int8 model here (.safetensors; seqvision.load_model "
                                              "rebuilds it)")
