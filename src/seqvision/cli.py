@@ -173,16 +173,14 @@ def cmd_export(args) -> None:
 
 
 def cmd_quantize(args) -> None:
-    import copy
-
     import torch
 
-    from .quantize import quantize_int8
     from .checkpoint import eval_transform, load_for_inference
     from .data import Seeded, build_datasets
+    from .quantize import quantize_int8
 
     model, classes, data = load_for_inference(args.checkpoint)
-    qmodel = quantize_int8(copy.deepcopy(model))
+    qmodel = quantize_int8(model)  # a copy: model stays fp32
     spec = build_datasets(args.data, args.val_fraction, args.seed, data_root=args.data_root)
     tf, _ = eval_transform(model, data)
     ds = Seeded(spec.val, tf, 0)
