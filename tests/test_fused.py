@@ -85,6 +85,16 @@ def test_inference_path_matches_reference(name, overrides, size):
         assert (ref(x) - fast(x)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+def test_native_off_the_cpu_takes_the_pytorch_path():
+    # the C++ kernel reads CPU memory; on another device (meta stands in for a GPU) the same math runs in PyTorch
+    model = seqvision.create_model("sequencer2d_s", layers=(1, 1, 1, 1)).to("meta")
+    x = torch.randn(2, 3, 56, 56, device="meta")
+    assert model.train()(x).shape == (2, 1000)
+    with torch.no_grad():
+        assert model.eval()(x).device.type == "meta"
+
+
 def test_auto_picks_native_for_lstm_only():
     lstm = seqvision.create_model("sequencer2d_s", layers=(1, 1, 1, 1))
     gru = seqvision.create_model("gru_sequencer2d_s", layers=(1, 1, 1, 1))

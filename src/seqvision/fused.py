@@ -272,7 +272,7 @@ def rnn2d_fused(m, x: torch.Tensor, native: bool = False) -> torch.Tensor:
     fold = kind != "gru"
     dirs, w_ih, b_ih, w_hh = _stacked(m, fold)
     G = dirs[0][2][0].shape[0]
-    if native:
+    if native and x.device.type == "cpu":  # elsewhere (a GPU) the same math in PyTorch below
         xg = F.linear(x, w_ih).view(B, H, W, len(dirs), G)  # (B, H, W, C) -> (B, H, W, K, G): one GEMM
         bias = b_ih.view(len(dirs), G).float()
         out = _NativeBiLSTM2d.apply(xg.float().contiguous(), bias, w_hh.float(), _groups(dirs, H, W)).to(x.dtype)

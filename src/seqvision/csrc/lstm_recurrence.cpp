@@ -124,6 +124,7 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor bias, to
                                         std::vector<int64_t> reverse, bool save) {
   TORCH_CHECK(xg.dim() == 5 && xg.is_contiguous() && out.is_contiguous(), "xg (B,H,W,K,4D) and out contiguous");
   TORCH_CHECK(xg.scalar_type() == torch::kFloat && w_hh.scalar_type() == torch::kFloat, "float32 only");
+  TORCH_CHECK(xg.device().is_cpu() && w_hh.device().is_cpu() && out.device().is_cpu(), "CPU tensors only");
   const int64_t Kg = w_hh.size(0), D = w_hh.size(2), G = 4 * D;
   TORCH_CHECK(xg.size(4) == G && w_hh.size(1) == G && (int64_t)slots.size() == Kg, "shape mismatch");
   TORCH_CHECK(bias.is_contiguous() && bias.size(0) == xg.size(3) && bias.size(1) == G, "bias must be (K, 4D)");
