@@ -202,6 +202,15 @@ def cmd_quantize(args) -> None:
     print(json.dumps(row) if args.json else "  ".join(f"{k} {v}" for k, v in row.items()))
 
 
+def add_eval_data_args(p: argparse.ArgumentParser) -> None:
+    """The checkpoint and validation-data flags of validate and quantize."""
+    p.add_argument("--data", required=True, help="dataset name or folder, as for train")
+    p.add_argument("--checkpoint", required=True, help="run folder or .safetensors file")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of a single class-folder tree")
+    p.add_argument("--seed", type=int, default=0, help="seed of that split (use the training seed)")
+    p.add_argument("--data-root", default=None, help="where a named dataset's files are")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seqvision",
@@ -242,15 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="evaluate a checkpoint: top-1/5, loss, per-class accuracy, confusion",
                        description="Evaluate a run folder (its best weights) or a seqvision weights file on the "
                                    "validation split of --data, at any resolution and crop.")
-    p.add_argument("--data", required=True, help="dataset name or folder, as for train")
-    p.add_argument("--checkpoint", required=True, help="run folder or .safetensors file")
+    add_eval_data_args(p)
     p.add_argument("--img-size", type=int, default=0, help="evaluation size (default: the training size)")
     p.add_argument("--crop-pct", type=float, default=0.0, help="centre-crop fraction for large images")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of a single class-folder tree")
-    p.add_argument("--seed", type=int, default=0, help="seed of that split (use the training seed)")
-    p.add_argument("--data-root", default=None, help="where a named dataset's files are")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images instead of stopping")
     p.add_argument("--output", default="", help="folder for validation.json, per_class.csv, confusion.png")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -299,11 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "BiLSTM2D's input projection: int8 weights per channel, activations quantised "
                                    "per batch; the recurrence stays float32) and report top-1 agreement with "
                                    "fp32 and both accuracies on the validation split of --data.")
-    p.add_argument("--checkpoint", required=True, help="run folder or .safetensors file")
-    p.add_argument("--data", required=True, help="dataset name or folder, as for train")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of a single class-folder tree")
-    p.add_argument("--seed", type=int, default=0, help="seed of that split (use the training seed)")
-    p.add_argument("--data-root", default=None, help="where a named dataset's files are")
+    add_eval_data_args(p)
     p.add_argument("--limit", type=int, default=0, help="use the first N validation images (0: all)")
     p.add_argument("--dst", default="", help="save the int8 model here (.safetensors; seqvision.load_model "
                                              "rebuilds it)")
