@@ -87,7 +87,8 @@ class _NativeBiLSTM2d(torch.autograd.Function):
         for i, (slots, axes, reverses) in enumerate(ctx.groups):
             hs, cs, acts = saved[3 * i: 3 * i + 3]
             ks = slice(slots[0], slots[-1] + 1)
-            grad_w[ks], grad_b[ks] = ext.lstm_backward(grad_out, grad_xg, hs, cs, acts, w_hh[ks], slots, axes, reverses)
+            grad_w[ks], grad_b[ks] = ext.lstm_backward(grad_out, grad_xg, hs, cs, acts, w_hh[ks], slots, axes,
+                                                       reverses)
         return grad_xg, grad_b, grad_w, None
 
 
@@ -210,17 +211,22 @@ def native_mix(m, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _union(m, out: torch.Tensor, axes: int) -> torch.Tensor:
-    if m.union == "add" and axes == 2:
+def _union(m, out: torch.Tensor) -> torch.Tensor:
+    """The "add" union of (B, H, W, K*D) outputs: vertical half + horizontal half."""
+    if m.union == "add" and m.rnn_v is not None and m.rnn_h is not None:
         half = out.shape[-1] // 2
         return out[..., :half] + out[..., half:]
     return out
 
 
+def _native_eval(x: torch.Tensor) -> bool:
+    """Whether the native recurrence may run outside autograd on x (CPU float32, grad disabled)."""
+    return not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu"
+
+
 def fast_inference(m, x: torch.Tensor) -> bool:
     """Whether a block with token mixer `m` may take `block_inference` for input x."""
-    return getattr(m, "backend", None) == "native" and not torch.is_grad_enabled() and \
-        x.dtype == torch.float32 and x.device.type == "cpu"
+    return getattr(m, "backend", None) == "native" and _native_eval(x)
 
 
 def _linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
@@ -245,7 +251,7 @@ def block_inference(blk, x: torch.Tensor) -> torch.Tensor:
     rnn, mlp = blk.rnn_tokens, blk.mlp_channels
     x = x.reshape(B * H * W, C)  # (B, H, W, C) -> (B*H*W, C); the residual stream stays contiguous
     y = F.layer_norm(x, (C,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps).view(B, H, W, C)
-    mixed = _union(rnn, native_mix(rnn, y), sum(r is not None for r in (rnn.rnn_v, rnn.rnn_h)))
+    mixed = _union(rnn, native_mix(rnn, y))
     mixed = mixed.reshape(B * H * W, -1)  # (B, H, W, M) -> (B*H*W, M)
     x = _linear_add(mixed, rnn.fc, x) if rnn.fc is not None else x + mixed
     y = F.layer_norm(x, (C,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
@@ -265,8 +271,8 @@ def rnn2d_fused(m, x: torch.Tensor, native: bool = False) -> torch.Tensor:
     B, H, W, C = x.shape
     kind = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn"}[type(m.rnn_v or m.rnn_h)]
     axes = [(name, r) for name, r in (("v", m.rnn_v), ("h", m.rnn_h)) if r is not None]
-    if native and not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu":
-        return _union(m, native_mix(m, x), len(axes))
+    if native and _native_eval(x):
+        return _union(m, native_mix(m, x))
     # Fold b_hh into the input projection where the cell adds it unchanged (LSTM, tanh-RNN); GRU keeps
     # b_hn inside r * (h W_hn + b_hn), so its b_hh stays on the recurrent side.
     fold = kind != "gru"
@@ -276,7 +282,7 @@ def rnn2d_fused(m, x: torch.Tensor, native: bool = False) -> torch.Tensor:
         xg = F.linear(x, w_ih).view(B, H, W, len(dirs), G)  # (B, H, W, C) -> (B, H, W, K, G): one GEMM
         bias = b_ih.view(len(dirs), G).float()
         out = _NativeBiLSTM2d.apply(xg.float().contiguous(), bias, w_hh.float(), _groups(dirs, H, W)).to(x.dtype)
-        return _union(m, out, len(axes))  # (B, H, W, K*D)
+        return _union(m, out)  # (B, H, W, K*D)
     xg = F.linear(x, w_ih, b_ih).view(B, H, W, len(dirs), G)  # (B, H, W, C) -> (B, H, W, K, G): one GEMM
 
     def seqs(name: str, d: int, k: int) -> torch.Tensor:
@@ -295,9 +301,8 @@ def rnn2d_fused(m, x: torch.Tensor, native: bool = False) -> torch.Tensor:
     inputs = [seqs(name, d, k) for k, (name, d, _) in enumerate(dirs)]
     outs: list[torch.Tensor | None] = [None] * len(dirs)
     for ks, _, _ in _groups(dirs, H, W):
-        w_hh = torch.stack([dirs[k][2][1] for k in ks])
         b_hh = torch.stack([torch.zeros_like(dirs[k][2][3]) if fold else dirs[k][2][3] for k in ks]).unsqueeze(1)
-        ys = _run(kind, torch.stack([inputs[k] for k in ks]), w_hh, b_hh)
+        ys = _run(kind, torch.stack([inputs[k] for k in ks]), w_hh[ks[0]: ks[-1] + 1], b_hh)
         for j, k in enumerate(ks):
             outs[k] = unseq(dirs[k][0], dirs[k][1], ys[j])
     per_axis = [torch.cat([o for o, dd in zip(outs, dirs) if dd[0] == a], dim=-1) for a, _ in axes]
