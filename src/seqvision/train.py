@@ -31,8 +31,23 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(process_group_backend(device.type))
     return rank, world, device
+
+
+def process_group_backend(device_type: str) -> str:
+    """One process group for both devices on GPUs: NCCL for the gradients, gloo for the CPU tensors that
+    evaluation sums (its confusion matrix and counts)."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+def make_deterministic() -> None:
+    """Deterministic kernels everywhere: cuBLAS needs a fixed workspace (set before its first use), cuDNN
+    its deterministic algorithms and no autotuning."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
 
 
 def run_folder(cfg: TrainConfig) -> Path:
@@ -62,12 +77,12 @@ def train(cfg: TrainConfig) -> dict:
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
+    if cfg.deterministic:
+        make_deterministic()
     rank, world, device = setup_distributed()
     main = rank == 0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
     run = run_folder(cfg)
     resume_from = latest_checkpoint(run) if run.exists() else None
     if resume_from is not None and not cfg.resume:

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from .registry import Entry, build_from_config
+from .registry import Entry, build_from_config, build_model
 
 WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
 
@@ -234,8 +234,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | No
             written into the metadata. Needed unless `src` is a seqvision file.
         to: "seqvision" (= timm keys) or "authors".
     """
-    from .registry import create_model
-
     if model_name is None and Path(src).suffix == ".safetensors" and read_metadata(src).get("format") == "seqvision":
         model = load_model(src)
     elif model_name is None:
@@ -243,7 +241,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | No
     else:
         sd = to_model_keys(read_state_dict(src))
         num_classes = sd["head.fc.weight"].shape[0] if "head.fc.weight" in sd else 0
-        model = create_model(model_name, num_classes=num_classes)
+        model = build_model(model_name, num_classes=num_classes)
         load_state_dict(model, sd, source=str(src))
     if to == "seqvision":
         save_model(model, dst)

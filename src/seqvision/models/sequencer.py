@@ -10,14 +10,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..fused import block_inference, fast_inference, pick_backend, rnn2d_fused
+from ..ops import native, recurrence
+from ..ops.inference import cpu_float_eval, linear_add, linear_gelu, scratch
+from ..ops.int8 import Int8Linear
 from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply,
                       resample_grid, run_blocks, take_indices, to_fmt)
 from ..registry import register_family
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+BACKENDS = ("auto", "reference", "fused", "native")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,11 @@ class SequencerConfig:
 class RNN2d(nn.Module):
     """BiLSTM2D: an RNN down every column and another along every row, fused by a Linear.
 
+    Three backends compute the same function on the same weights (`set_backend`): "reference" (torch's
+    RNN modules, cuDNN on GPUs), "fused" (all directions' input projections as one GEMM and their
+    recurrences stepping together, in plain PyTorch) and "native" (the same GEMM, the recurrence in C++ on
+    the CPU: seqvision.ops.native).
+
     Args:
         dim: channels C of the (B, H, W, C) input and output.
         hidden: hidden size D of each direction.
@@ -75,7 +84,7 @@ class RNN2d(nn.Module):
     def __init__(self, dim: int, hidden: int, cell: str = "lstm", bidirectional: bool = True,
                  union: str = "cat", with_fc: bool = True):
         super().__init__()
-        self.union = union
+        self.union, self.cell = union, cell
         out = hidden * (2 if bidirectional else 1)
         mixed = 2 * out if union == "cat" else out
         if not with_fc and mixed != dim:
@@ -84,14 +93,44 @@ class RNN2d(nn.Module):
         self.rnn_v = rnn(dim, hidden, batch_first=True, bidirectional=bidirectional) if union != "horizontal" else None
         self.rnn_h = rnn(dim, hidden, batch_first=True, bidirectional=bidirectional) if union != "vertical" else None
         self.fc = nn.Linear(mixed, dim) if with_fc else None
-        self.backend = "reference"  # set by the model through seqvision.fused.pick_backend; same weights
+        self.backend, self.requested = "reference", "reference"
+        self.proj_int8: Int8Linear | None = None  # the stacked input projection in int8 (quantize_int8_)
+
+    def set_backend(self, requested: str) -> None:
+        """"auto" is native for single-layer LSTM cells on CPU tensors where the extension builds, and the
+        reference otherwise (cuDNN's LSTM on GPUs, see `runs`); "fused" and "native" are checked here."""
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+        rnns = [r for r in (self.rnn_v, self.rnn_h) if r is not None]
+        fits = all(r.num_layers == 1 and r.bias for r in rnns)
+        if requested in ("fused", "native") and not fits:
+            raise ValueError(f"the {requested} backend needs single-layer RNNs with biases")
+        if requested == "native" and not (self.cell == "lstm" and native.available()):
+            raise ValueError("the native backend needs LSTM cells and a working C++ compiler")
+        self.requested = requested
+        if requested == "auto":
+            self.backend = "native" if fits and self.cell == "lstm" and native.available() else "reference"
+        else:
+            self.backend = requested
+
+    def runs(self, x: torch.Tensor) -> str:
+        """The backend that runs for input x: the native kernel reads CPU memory only, so on other devices
+        "auto" takes the reference (cuDNN) and a forced "native" the same math in PyTorch ("fused")."""
+        if self.backend != "native" or x.device.type == "cpu":
+            return self.backend
+        return "reference" if self.requested == "auto" else "fused"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend in ("fused", "native"):
-            x = rnn2d_fused(self, x, native=self.backend == "native")
-        else:
-            x = self.mix(x)
+        backend = self.runs(x)
+        x = self.mix_native(x) if backend == "native" else self.mix_fused(x) if backend == "fused" else self.mix(x)
         return self.fc(x) if self.fc is not None else x
+
+    def unite(self, out: torch.Tensor) -> torch.Tensor:
+        """The union of the axes' outputs, given concatenated as (B, H, W, vertical | horizontal)."""
+        if self.union == "add" and self.rnn_v is not None and self.rnn_h is not None:
+            half = out.shape[-1] // 2
+            return out[..., :half] + out[..., half:]
+        return out
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """The reference path: torch's RNN modules on each axis, before channel fusion."""
@@ -104,9 +143,94 @@ class RNN2d(nn.Module):
         if self.rnn_h is not None:
             h = self.rnn_h(x.reshape(B * H, W, C))[0]  # (B, H, W, C) -> (B*H, W, C): rows as sequences
             outs.append(h.reshape(B, H, W, -1))  # (B*H, W, O) -> (B, H, W, O)
-        if len(outs) == 1:
-            return outs[0]
-        return torch.cat(outs, dim=-1) if self.union == "cat" else outs[0] + outs[1]
+        return outs[0] if len(outs) == 1 else self.unite(torch.cat(outs, dim=-1))
+
+    def directions(self) -> list[tuple[str, int, tuple[torch.Tensor, ...]]]:
+        """(axis "v"/"h", reverse 0/1, (W_ih, W_hh, b_ih, b_hh)) of every direction: vertical forward,
+        vertical backward, horizontal forward, horizontal backward (those the module has), which is also
+        the channel order of the reference's cat([v, h])."""
+        dirs = []
+        for axis, rnn in (("v", self.rnn_v), ("h", self.rnn_h)):
+            if rnn is not None:
+                for d, sfx in enumerate(["", "_reverse"] if rnn.bidirectional else [""]):
+                    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                    dirs.append((axis, d, tuple(getattr(rnn, f"{n}_l0{sfx}") for n in names)))
+        return dirs
+
+    def stacked_weights(self, fold: bool):
+        """(directions, W_ih (K*G, C), bias (K*G,), W_hh (K, G, D)) with every direction stacked; `fold`
+        adds b_hh into the bias (where the cell adds it unchanged: LSTM, tanh-RNN).
+
+        Outside autograd the result is cached until a parameter changes (its version counter or storage
+        moves), so inference does not concatenate weights on every call.
+        """
+        dirs = self.directions()
+        key = None if torch.is_grad_enabled() else (fold, tuple((p.data_ptr(), p._version) for *_, w in dirs
+                                                                for p in w))
+        cached = self.__dict__.get("_stacked_cache")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        w_ih = torch.cat([w[0] for *_, w in dirs])
+        b_ih = torch.cat([w[2] + w[3] if fold else w[2] for *_, w in dirs])
+        w_hh = torch.stack([w[1] for *_, w in dirs])
+        value = (dirs, w_ih, b_ih, w_hh)
+        if key is not None:
+            self.__dict__["_stacked_cache"] = (key, value)  # not a buffer: never saved, moved or counted
+        return value
+
+    def mix_native(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixing with the recurrence in C++ (CPU): (B, H, W, C) -> (B, H, W, union width)."""
+        B, H, W, C = x.shape
+        dirs, w_ih, bias, w_hh = self.stacked_weights(fold=True)
+        K, G, _ = w_hh.shape
+        if cpu_float_eval(x):  # inference: the projection into the reused buffer, no states kept
+            if self.proj_int8 is not None:
+                xg = self.proj_int8(x.reshape(B * H * W, C))
+            else:
+                xg = scratch(B * H * W * K * G).view(B * H * W, K * G)
+                torch.mm(x.reshape(B * H * W, C), w_ih.t(), out=xg)  # (B*H*W, C) @ (C, K*G): one GEMM
+            xg = xg.view(B, H, W, K, G)  # (B*H*W, K*G) -> (B, H, W, K, G)
+            return self.unite(native.lstm2d(xg, bias.view(K, G), w_hh, recurrence.groups(dirs, H, W)))
+        xg = F.linear(x, w_ih).view(B, H, W, K, G)  # (B, H, W, C) -> (B, H, W, K, G): one GEMM
+        out = native.lstm2d(xg.float().contiguous(), bias.view(K, G).float(), w_hh.float(),
+                                recurrence.groups(dirs, H, W))
+        return self.unite(out.to(x.dtype))  # (B, H, W, K*D) -> (B, H, W, union width)
+
+    def mix_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixing in plain PyTorch, every direction stepping in one batched matmul per timestep."""
+        B, H, W, C = x.shape
+        # GRU keeps b_hn inside r * (h W_hn + b_hn), so its b_hh stays on the recurrent side.
+        fold = self.cell != "gru"
+        dirs, w_ih, b_ih, w_hh = self.stacked_weights(fold)
+        G = w_hh.shape[1]
+        xg = F.linear(x, w_ih, b_ih).view(B, H, W, len(dirs), G)  # (B, H, W, C) -> (B, H, W, K, G): one GEMM
+
+        def seqs(axis: str, d: int, k: int) -> torch.Tensor:
+            g = xg[:, :, :, k]
+            # vertical: (B, H, W, G) -> (H, B*W, G), step along rows; horizontal: -> (W, B*H, G), along columns
+            g = g.permute(1, 0, 2, 3).reshape(H, B * W, G) if axis == "v" else g.permute(2, 0, 1, 3).reshape(W, B * H, G)
+            return g.flip(0) if d == 1 else g
+
+        def unseq(axis: str, d: int, y: torch.Tensor) -> torch.Tensor:
+            y = y.flip(0) if d == 1 else y
+            # (H, B*W, D) -> (B, H, W, D) for vertical; (W, B*H, D) -> (B, H, W, D) for horizontal
+            if axis == "v":
+                return y.reshape(H, B, W, -1).permute(1, 0, 2, 3)
+            return y.reshape(W, B, H, -1).permute(1, 2, 0, 3)
+
+        outs: list[torch.Tensor] = [xg] * len(dirs)
+        for ks, _, _ in recurrence.groups(dirs, H, W):
+            b_hh = torch.stack([torch.zeros_like(dirs[k][2][3]) if fold else dirs[k][2][3] for k in ks]).unsqueeze(1)
+            xs = torch.stack([seqs(dirs[k][0], dirs[k][1], k) for k in ks])
+            ys = recurrence.run(self.cell, xs, w_hh[ks[0]: ks[-1] + 1], b_hh)
+            for j, k in enumerate(ks):
+                outs[k] = unseq(dirs[k][0], dirs[k][1], ys[j])
+        return self.unite(torch.cat(outs, dim=-1))  # (B, H, W, K*D), directions in channel order
+
+    def quantize_int8_(self, engine: str) -> None:
+        """Give the native inference path its stacked input projection in int8 (see seqvision.quantize)."""
+        if self.backend == "native":
+            self.proj_int8 = Int8Linear(self.stacked_weights(fold=True)[1], None, engine)
 
 
 class RNN1d(nn.Module):
@@ -140,10 +264,28 @@ class Block(nn.Module):
         self.mlp_channels = Mlp(dim, int(cfg.mlp_ratio * dim), drop=cfg.proj_drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and fast_inference(self.rnn_tokens, x):
-            return block_inference(self, x)
+        if not self.training and cpu_float_eval(x) and isinstance(self.rnn_tokens, RNN2d) \
+                and self.rnn_tokens.runs(x) == "native":
+            return self.forward_inference(x)
         x = x + self.drop_path(self.rnn_tokens(self.norm1(x)))
         return x + self.drop_path(self.mlp_channels(self.norm2(x)))
+
+    def forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """forward in eval mode outside autograd, on CPU float32 with the native BiLSTM2D: the same math,
+        with the residual stream kept contiguous (one LayerNorm copy less each) and the two widest
+        activations (the input projection, the MLP's hidden layer) written into one reused buffer."""
+        B, H, W, C = x.shape
+        rnn, mlp = self.rnn_tokens, self.mlp_channels
+        x = x.reshape(B * H * W, C)  # (B, H, W, C) -> (B*H*W, C)
+        y = F.layer_norm(x, (C,), self.norm1.weight, self.norm1.bias, self.norm1.eps).view(B, H, W, C)
+        mixed = rnn.mix_native(y).reshape(B * H * W, -1)  # (B, H, W, M) -> (B*H*W, M)
+        x = linear_add(mixed, rnn.fc, x) if rnn.fc is not None else x + mixed
+        y = F.layer_norm(x, (C,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        if isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none":
+            hidden = linear_gelu(y, mlp.fc1)  # overwrites the buffer the projection used: it is done with
+        else:
+            hidden = mlp.act(mlp.fc1(y))
+        return linear_add(hidden, mlp.fc2, x).view(B, H, W, C)  # (B*H*W, C) -> (B, H, W, C)
 
 
 class Downsample(nn.Module):
@@ -224,7 +366,7 @@ class Sequencer(nn.Module):
         """Run every BiLSTM2D with "reference" (torch's RNN modules), "fused" or "auto" (fastest available)."""
         for m in self.modules():
             if isinstance(m, RNN2d):
-                m.backend = pick_backend(m, backend)
+                m.set_backend(backend)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:

@@ -1,0 +1,45 @@
+"""Inference-only helpers (eval mode outside autograd on the CPU): a reused activation buffer and GEMMs
+with their epilogue written into it."""
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+
+class _Scratch(threading.local):
+    buf: torch.Tensor | None = None
+
+
+_SCRATCH = _Scratch()
+
+
+def scratch(n: int) -> torch.Tensor:
+    """A float32 buffer of n elements reused across inference calls (one per thread, so concurrent callers
+    never share one). A fresh tensor of tens of MB comes from mmap and page-faults on first touch every
+    call, which halves the GEMM rate."""
+    if _SCRATCH.buf is None or _SCRATCH.buf.numel() < n:
+        _SCRATCH.buf = torch.empty(n)
+    return _SCRATCH.buf[:n]
+
+
+def cpu_float_eval(x: torch.Tensor) -> bool:
+    """Whether x may take the CPU inference paths: float32 on the CPU with autograd off."""
+    return not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu"
+
+
+def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
+    """gelu(fc(x)) for 2-D x, written into the reused buffer (so the caller must be done with it before
+    the next call that uses the buffer); GELU in place. Any module other than a plain Linear (an int8
+    one) is called as it is."""
+    if type(fc) is not nn.Linear:
+        return torch.ops.aten.gelu_(fc(x))
+    hidden = scratch(x.shape[0] * fc.out_features).view(x.shape[0], fc.out_features)
+    return torch.ops.aten.gelu_(torch.addmm(fc.bias, x, fc.weight.t(), out=hidden))
+
+
+def linear_add(x: torch.Tensor, fc: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    """fc(x) + residual, the sum made in fc's output."""
+    y = fc(x) if type(fc) is not nn.Linear else torch.addmm(fc.bias, x, fc.weight.t())
+    return y.add_(residual)

@@ -1,0 +1,113 @@
+"""int8 GEMMs for CPU inference: Int8Linear and the choice of quantised engine and activation range.
+
+Weights are int8 per output channel (symmetric); activations are quantised per call from their own range
+(dynamic quantisation) inside the GEMM, which needs no calibration data and, measured here, beats a static
+scale (a static scale still costs a separate quantising pass over the activation).
+
+Without VNNI or AMX, x86 int8 GEMMs multiply u8 activations by s8 weights with `vpmaddubsw`, which sums
+each pair of products into int16 with saturation: 255 * 127 * 2 = 64770 does not fit, so full-range
+activations overflow silently. Whether an engine does that on this CPU (and under ONEDNN_MAX_CPU_ISA) is
+probed once per process with a GEMM built to overflow; where it does, activations are quantised to 7 bits
+(`reduce_range`), whose pair sums (127 * 127 * 2 = 32258) fit.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+
+import torch
+from torch import nn
+
+ENGINES = ("onednn", "x86", "fbgemm", "qnnpack")  # preference order; oneDNN uses AMX/VNNI where present
+
+
+@contextlib.contextmanager
+def _using(name: str):
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def _prepack(engine: str, weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    with warnings.catch_warnings(), _using(engine):
+        warnings.simplefilter("ignore")  # quantised-tensor constructors warn of their deprecation
+        q = torch._make_per_channel_quantized_tensor(weight_int8, scale.double(),
+                                                     torch.zeros(len(weight_int8), dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(q, bias)
+
+
+@functools.cache
+def saturates(engine: str) -> bool:
+    """Whether `engine`'s int8 GEMM overflows on full-range activations on this CPU (no VNNI/AMX path).
+
+    All-ones activations quantise to u8 255 and all-ones weights to s8 127; an exact GEMM of 64 of them
+    gives 64, one that saturates each pair's int16 sum gives about half of it.
+    """
+    packed = _prepack(engine, torch.full((16, 64), 127, dtype=torch.int8), torch.full((16,), 1 / 127), None)
+    with _using(engine):
+        y = torch.ops.quantized.linear_dynamic(torch.ones(4, 64), packed, False)
+    return not torch.allclose(y, torch.full_like(y, 64.0), rtol=0.02)
+
+
+def pick_engine(requested: str | None = None) -> tuple[str, bool]:
+    """(engine, reduce_range) for int8 GEMMs on this CPU.
+
+    Args:
+        requested: an engine name, or None for SEQVISION_INT8_ENGINE or else the first of ENGINES this
+            torch build supports. The activation range is 8 bits where the engine's kernel cannot
+            overflow here, 7 bits where it can.
+    """
+    supported = torch.backends.quantized.supported_engines
+    name = requested or os.environ.get("SEQVISION_INT8_ENGINE") or next((e for e in ENGINES if e in supported), None)
+    if name is None or name not in supported or name == "none":
+        raise RuntimeError(f"int8 engine {name!r} is not available in this torch build (supported: {supported})")
+    return name, saturates(name)
+
+
+class Int8Linear(nn.Module):
+    """A Linear with int8 weights (one scale per output channel) and per-call int8 activations.
+
+    The state dict holds plain tensors (weight_int8, weight_scale, bias), so it saves as safetensors;
+    the GEMM's packed weights are built on first use and rebuilt if those tensors change.
+
+    Args:
+        weight: (out_features, in_features) float weights.
+        bias: (out_features,) float bias, or None.
+        engine: the quantised engine; None picks it with `pick_engine`.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, engine: str | None = None):
+        super().__init__()
+        weight = weight.detach().float()
+        self.out_features, self.in_features = weight.shape
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.engine, self.reduce_range = pick_engine(engine)
+        self._packed = None
+
+    def packed(self):
+        tensors = [t for t in (self.weight_int8, self.weight_scale, self.bias) if t is not None]
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, _prepack(self.engine, self.weight_int8, self.weight_scale, self.bias))
+        return self._packed[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Int8Linear expects {self.in_features} input features, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float().contiguous(),
+                                               self.packed(), self.reduce_range)
+        return y.view(*lead, self.out_features)  # (M, N) -> (..., N)
+
+    def extra_repr(self) -> str:
+        bits = 7 if self.reduce_range else 8
+        return (f"in_features={self.in_features}, out_features={self.out_features}, engine={self.engine}, "
+                f"activation_bits={bits}")

@@ -1,0 +1,174 @@
+"""The compiled LSTM recurrence (csrc/lstm_recurrence.cpp) and its autograd Function.
+
+The extension is compiled on first use for one instruction set, and its build folder is named after that
+instruction set and a hash of everything the binary depends on (source, flags, torch install), so:
+- a machine never loads a binary built for a wider ISA than its own (a home folder shared by an AVX-512
+  node and an AVX2 node holds two builds side by side, not one that SIGILLs on the smaller node);
+- two virtual environments, or two torch versions, never take turns rebuilding one cache entry.
+
+`SEQVISION_ISA=avx2|avx512|baseline` chooses a narrower build than the CPU's (tests use it to run the
+AVX2 kernel on an AVX-512 machine); a wider one than the CPU supports is refused with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# torch's extension builder warns "no CUDA runtime" on import on CPU-only hosts; the kernel is CPU code.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+SOURCE = Path(__file__).parent / "csrc" / "lstm_recurrence.cpp"
+# ISA -> compiler flags. Named x86-64 levels rather than -march=native, so that a build is defined by its
+# ISA alone; -mtune only schedules, it never adds instructions.
+ISA_FLAGS = {
+    "avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],
+    "avx2": ["-march=x86-64-v3"],
+    "baseline": [],
+}
+_RANK = {"baseline": 0, "avx2": 1, "avx512": 2}
+# No -ffast-math: it lets the compiler assume no NaN, and a NaN input must give NaN logits.
+# -fopenmp is needed for at::parallel_for (an inline OpenMP region in torch's headers); the binary is
+# linked to the OpenMP runtime torch itself loads, so it runs on torch's thread pool (see _omp_ldflags).
+COMMON_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
+
+
+def cpu_isa() -> str:
+    """The widest ISA this CPU (and ATEN_CPU_CAPABILITY, if set) allows: avx512, avx2 or baseline."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "baseline"
+    cap = torch.backends.cpu.get_cpu_capability().lower()  # "avx512", "avx2", "default"
+    return cap if cap in _RANK else "baseline"
+
+
+def build_isa() -> str:
+    """The ISA the extension is built for: SEQVISION_ISA where it is no wider than the CPU's, else the CPU's."""
+    best = cpu_isa()
+    want = os.environ.get("SEQVISION_ISA", "").strip().lower()
+    if not want:
+        return best
+    if want not in _RANK:
+        raise ValueError(f"SEQVISION_ISA must be one of {sorted(_RANK)}, got {want!r}")
+    if _RANK[want] > _RANK[best]:
+        warnings.warn(f"seqvision: SEQVISION_ISA={want} is wider than this CPU allows ({best}); building for {best}")
+        return best
+    return want
+
+
+def _omp_ldflags() -> list[str]:
+    """Link against the OpenMP runtime inside torch's lib folder where there is one, so that
+    torch.set_num_threads governs the extension's parallel regions too."""
+    lib = Path(torch.__file__).parent / "lib"
+    gomp = sorted(lib.glob("libgomp*.so*"))
+    if gomp:
+        return [str(gomp[0]), f"-Wl,-rpath,{lib}"]
+    return ["-fopenmp"]
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    isa: str
+    name: str  # the Python module name, unique per ISA so two builds can be imported side by side
+    directory: Path
+    cflags: tuple[str, ...]
+    ldflags: tuple[str, ...]
+
+
+def build_spec(isa: str | None = None) -> BuildSpec:
+    """Where and how the extension for `isa` (default: build_isa()) is built."""
+    isa = isa or build_isa()
+    cflags = tuple(COMMON_FLAGS + ISA_FLAGS[isa])
+    ldflags = tuple(_omp_ldflags())
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), repr(cflags).encode(), repr(ldflags).encode(), torch.__version__.encode(),
+                 str(Path(torch.__file__).parent.resolve()).encode(), sys.version.encode()):
+        key.update(part)
+    from torch.utils.cpp_extension import get_default_build_root
+
+    name = f"seqvision_lstm_{isa}"
+    return BuildSpec(isa, name, Path(get_default_build_root()) / f"{name}-{key.hexdigest()[:12]}", cflags, ldflags)
+
+
+_EXT: dict[str, object] = {}  # ISA -> loaded module, or None where the build failed
+
+
+def extension(isa: str | None = None):
+    """The compiled recurrence for `isa` (default: build_isa()), built on first use; None without a compiler."""
+    spec = build_spec(isa)
+    if spec.isa in _EXT:
+        return _EXT[spec.isa]
+    try:
+        from torch.utils.cpp_extension import load
+
+        # torch looks for ninja on PATH; a venv's own ninja sits beside its python.
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        spec.directory.mkdir(parents=True, exist_ok=True)
+        if not (spec.directory / f"{spec.name}.so").exists():
+            print(f"seqvision: compiling the native BiLSTM2D kernel for {spec.isa} into {spec.directory} "
+                  f"(once per machine kind and torch install, about a minute)", file=sys.stderr, flush=True)
+        _EXT[spec.isa] = load(spec.name, [str(SOURCE)], extra_cflags=list(spec.cflags),
+                              extra_ldflags=list(spec.ldflags), build_directory=str(spec.directory), verbose=False)
+    except Exception as e:  # no compiler, no headers, no ninja: run the Python paths instead
+        warnings.warn(f"seqvision: native BiLSTM2D unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                      f"using the reference path")
+        _EXT[spec.isa] = None
+    return _EXT[spec.isa]
+
+
+def available() -> bool:
+    return extension() is not None
+
+
+class LSTMRecurrence(torch.autograd.Function):
+    """All LSTM directions of a BiLSTM2D in C++: xg (B, H, W, K, 4D) input projections, bias (K, 4D)
+    (b_ih + b_hh, added in the cell), w_hh (K, 4D, D) -> (B, H, W, K*D), direction k's hidden states at
+    channels [k*D, (k+1)*D).
+
+    `groups` lists (slots, axes, reverses) of directions that step together; a group's slots are
+    consecutive, so its W_hh is a contiguous slice.
+    """
+
+    @staticmethod
+    def forward(ctx, xg, bias, w_hh, groups):
+        ext = extension()
+        B, H, W, K, _ = xg.shape
+        out = xg.new_empty(B, H, W, K * w_hh.shape[-1])
+        save = any(ctx.needs_input_grad)
+        saved = []
+        for slots, axes, reverses in groups:
+            saved += ext.lstm_forward(xg, bias, w_hh[slots[0]: slots[-1] + 1], out, slots, axes, reverses, save)
+        ctx.groups = groups
+        ctx.save_for_backward(w_hh, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ext = extension()
+        w_hh, *saved = ctx.saved_tensors
+        B, H, W, _ = grad_out.shape
+        grad_xg = grad_out.new_empty(B, H, W, w_hh.shape[0], w_hh.shape[1])  # every slot is in one group
+        grad_w, grad_b = torch.empty_like(w_hh), grad_out.new_empty(w_hh.shape[:2])
+        for i, (slots, axes, reverses) in enumerate(ctx.groups):
+            hs, cs, acts = saved[3 * i: 3 * i + 3]
+            ks = slice(slots[0], slots[-1] + 1)
+            grad_w[ks], grad_b[ks] = ext.lstm_backward(grad_out, grad_xg, hs, cs, acts, w_hh[ks], slots, axes,
+                                                       reverses)
+        return grad_xg, grad_b, grad_w, None
+
+
+def lstm2d(xg: torch.Tensor, bias: torch.Tensor, w_hh: torch.Tensor, groups: list) -> torch.Tensor:
+    """All directions of a BiLSTM2D through LSTMRecurrence, with autograd where it is needed; outside autograd no states are kept."""
+    if torch.is_grad_enabled() and (xg.requires_grad or w_hh.requires_grad or bias.requires_grad):
+        return LSTMRecurrence.apply(xg, bias, w_hh, groups)
+    B, H, W, K, _ = xg.shape
+    out = xg.new_empty(B, H, W, K * w_hh.shape[-1])
+    ext = extension()
+    for slots, axes, reverses in groups:
+        ext.lstm_forward(xg, bias, w_hh[slots[0]: slots[-1] + 1], out, slots, axes, reverses, False)
+    return out

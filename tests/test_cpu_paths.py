@@ -1,0 +1,246 @@
+"""Correct on every CPU, not only the one at hand: the int8 path without VNNI, the AVX2 kernel build on an
+AVX-512 machine, NaN propagation, thread-count independence, and the device/backend choices for GPUs."""
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import seqvision
+from seqvision.ops import int8, native
+from seqvision.quantize import Int8Linear, quantize_int8
+from seqvision.train import make_deterministic, process_group_backend
+
+from conftest import random_state_dict
+
+X86 = native.cpu_isa() != "baseline"
+HAVE_NATIVE = native.available()
+
+
+def run_python(code: str, **env) -> str:
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# int8 ----------------------------------------------------------------------------------------------------
+
+def int8_inputs():
+    """Signed activations, and non-negative ones (post-GELU-like), whose same-sign products overflow a
+    saturating int16 pair sum most."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(64, 96, generator=g) * 3, torch.rand(64, 96, generator=g) * 4]
+
+
+@pytest.mark.parametrize("engine", [e for e in ("onednn", "x86", "fbgemm")
+                                    if e in torch.backends.quantized.supported_engines])
+def test_int8_linear_is_close_on_every_engine(engine):
+    lin = torch.nn.Linear(96, 40)
+    with torch.no_grad():
+        lin.weight.abs_()  # same-sign weights: the worst case for pair sums
+        q = Int8Linear(lin.weight, lin.bias, engine)
+        assert q.engine == engine
+        for x in int8_inputs():
+            assert rel_err(q(x), lin(x)) < 0.02, (engine, q.reduce_range)
+
+
+INT8_WITHOUT_VNNI = """
+import torch, seqvision
+from seqvision.ops import int8
+from seqvision.quantize import Int8Linear, quantize_int8
+torch.manual_seed(0)
+engine, reduce_range = int8.pick_engine()
+lin = torch.nn.Linear(96, 40)
+with torch.no_grad():
+    lin.weight.abs_()
+    q = Int8Linear(lin.weight, lin.bias)
+    errs = [float(((q(x) - lin(x)).norm() / lin(x).norm())) for x in (torch.randn(64, 96) * 3, torch.rand(64, 96) * 4)]
+    model = seqvision.create_model("sequencer2d_1m_28").eval()
+    g = torch.Generator().manual_seed(1)
+    model.load_state_dict({k: torch.randn(v.shape, generator=g) * 0.05 if v.dtype.is_floating_point else v
+                           for k, v in model.state_dict().items()})
+    x = torch.randn(16, 1, 28, 28)
+    a, b = model(x), quantize_int8(model)(x)
+print(engine, reduce_range, max(errs), float((a - b).norm() / a.norm()))
+"""
+
+
+@pytest.mark.skipif(not X86, reason="oneDNN's ISA cap is an x86 setting")
+def test_int8_is_correct_without_vnni():
+    """oneDNN capped at AVX2 (no VNNI, as on most AMD servers and laptops) saturates full-range u8 x s8
+    pair sums; the probe must see it and quantise activations to 7 bits."""
+    engine, reduce_range, err, model_err = run_python(INT8_WITHOUT_VNNI, ONEDNN_MAX_CPU_ISA="AVX2").split()
+    assert engine == "onednn" and reduce_range == "True"
+    assert float(err) < 0.02 and float(model_err) < 0.05, (err, model_err)
+
+
+def test_int8_probe_matches_the_kernel():
+    """The probe's answer is the kernel's behaviour: where it says 8 bits are safe, an all-max GEMM is exact."""
+    for engine in ("onednn", "fbgemm"):
+        if engine not in torch.backends.quantized.supported_engines:
+            continue
+        q = Int8Linear(torch.ones(8, 256), None, engine)
+        y = q(torch.ones(2, 256))
+        assert torch.allclose(y, torch.full_like(y, 256.0), rtol=0.02), (engine, q.reduce_range, y[0, 0])
+
+
+def test_int8_engine_is_named_and_checked(monkeypatch):
+    monkeypatch.setenv("SEQVISION_INT8_ENGINE", "no-such-engine")
+    with pytest.raises(RuntimeError, match="no-such-engine.*supported"):
+        int8.pick_engine()
+    monkeypatch.delenv("SEQVISION_INT8_ENGINE")
+    engine, _ = int8.pick_engine()
+    assert engine in int8.ENGINES
+    assert f"engine={engine}" in repr(Int8Linear(torch.randn(4, 8), None))
+
+
+# The native kernel per ISA ----------------------------------------------------------------------------------
+
+def test_builds_for_different_isas_never_share_a_cache_entry():
+    specs = {isa: native.build_spec(isa) for isa in native.ISA_FLAGS}
+    assert len({s.directory for s in specs.values()}) == len(specs)
+    assert len({s.name for s in specs.values()}) == len(specs)
+    assert "-march=x86-64-v3" in specs["avx2"].cflags and "-march=x86-64-v4" in specs["avx512"].cflags
+    assert not any("native" in f or "fast-math" in f for s in specs.values() for f in s.cflags)
+    assert native.build_spec("avx2") == specs["avx2"]  # stable: the same install finds its build again
+
+
+def test_a_wider_isa_than_the_cpu_is_refused(monkeypatch):
+    monkeypatch.setattr(native, "cpu_isa", lambda: "avx2")
+    monkeypatch.setenv("SEQVISION_ISA", "avx512")
+    with pytest.warns(UserWarning, match="wider than this CPU"):
+        assert native.build_isa() == "avx2"
+    monkeypatch.setenv("SEQVISION_ISA", "sse9")
+    with pytest.raises(ValueError, match="SEQVISION_ISA must be one of"):
+        native.build_isa()
+
+
+AVX2_KERNEL = """
+import torch, seqvision
+from seqvision.ops import native
+assert native.build_isa() == "avx2", native.build_isa()
+print(native.build_spec().directory / (native.build_spec().name + ".so"))
+torch.manual_seed(0)
+for name, size in [("sequencer2d_s", (28, 42)), ("sequencer2d_s", (28, 28)), ("sequencer2d_s_add", (28, 28))]:
+    ref = seqvision.create_model(name, backend="reference", layers=(1, 1, 1, 1), hidden_sizes=(10, 24, 24, 24))
+    g = torch.Generator().manual_seed(1)
+    ref.load_state_dict({k: torch.randn(v.shape, generator=g) * 0.05 for k, v in ref.state_dict().items()})
+    fast = seqvision.create_model(name, backend="native", layers=(1, 1, 1, 1), hidden_sizes=(10, 24, 24, 24))
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 3, *size)
+    outs = [m.train()(x) for m in (ref, fast)]
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5
+    for y in outs:
+        y.square().mean().backward()
+    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
+        assert ((p.grad - q.grad).abs().max() / p.grad.abs().max().clamp(min=1e-12)) <= 1e-4, n
+    with torch.no_grad():
+        assert (ref.eval()(x) - fast.eval()(x)).abs().max() <= 1e-5
+"""
+
+
+@pytest.mark.skipif(not (X86 and HAVE_NATIVE), reason="needs an x86 CPU and a C++ compiler")
+def test_avx2_kernel_matches_the_reference():
+    """The AVX2 build (what AVX2-only CPUs run), forced on any x86 machine: exact, and free of AVX-512."""
+    so = run_python(AVX2_KERNEL, SEQVISION_ISA="avx2").strip().splitlines()[-1]
+    if shutil.which("objdump"):
+        asm = subprocess.run(["objdump", "-d", so], capture_output=True, text=True).stdout
+        assert "ymm" in asm and "zmm" not in asm
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"] + (["native"] if HAVE_NATIVE else []))
+@pytest.mark.parametrize("train", [True, False])
+def test_nan_in_nan_out(backend, train):
+    model = seqvision.create_model("sequencer2d_s", backend=backend, layers=(1, 1, 1, 1))
+    model.load_state_dict(random_state_dict(model, 0.05))
+    x = torch.randn(2, 3, 28, 28)
+    clean = model.eval()(x).detach()
+    x[0, 1, 5, 9] = float("nan")
+    with torch.set_grad_enabled(train):
+        y = model.train(train)(x)
+    assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+    assert torch.allclose(y[1], clean[1], atol=1e-5)
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+def test_native_gradients_do_not_depend_on_the_thread_count():
+    torch.manual_seed(0)
+    K, D, B, H, W = 4, 12, 3, 5, 5
+    xg = torch.randn(B, H, W, K, 4 * D, requires_grad=True)
+    bias = torch.randn(K, 4 * D, requires_grad=True)
+    w_hh = (torch.randn(K, 4 * D, D) * 0.2).requires_grad_()
+    groups = [([0, 1, 2, 3], [0, 0, 1, 1], [0, 1, 0, 1])]
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = native.LSTMRecurrence.apply(xg, bias, w_hh, groups)
+            grads.append(torch.autograd.grad(out.square().sum(), (xg, bias)))
+    finally:
+        torch.set_num_threads(threads)
+    for g in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(g, grads[0]))
+
+
+# GPUs: the backend choice and the process group, testable without one -------------------------------------
+
+def test_auto_runs_the_reference_off_the_cpu():
+    model = seqvision.create_model("sequencer2d_s", layers=(1, 1, 1, 1))
+    forced = seqvision.create_model("sequencer2d_s", layers=(1, 1, 1, 1), backend="fused")
+    rnn, rnn_forced = model.stages[0].blocks[0].rnn_tokens, forced.stages[0].blocks[0].rnn_tokens
+    meta = torch.empty(1, 7, 7, 192, device="meta")  # stands in for a CUDA tensor
+    cpu = torch.empty(1, 7, 7, 192)
+    assert rnn.runs(meta) == "reference"  # cuDNN's LSTM on a GPU
+    assert rnn.runs(cpu) == ("native" if HAVE_NATIVE else "reference")
+    assert rnn_forced.runs(meta) == "fused"
+
+
+def test_process_group_serves_both_devices_and_determinism_sets_cublas(monkeypatch):
+    assert process_group_backend("cuda") == "cpu:gloo,cuda:nccl"
+    assert process_group_backend("cpu") == "gloo"
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        make_deterministic()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_auto_is_cudnn_and_matches_the_cpu():
+    model = seqvision.create_model("sequencer2d_s", layers=(1, 1, 1, 1))
+    model.load_state_dict(random_state_dict(model, 0.05))
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        cpu = model.eval()(x)
+        gpu = model.cuda()(x.cuda())
+    assert model.stages[0].blocks[0].rnn_tokens.runs(x.cuda()) == "reference"
+    assert (gpu.cpu() - cpu).abs().max() <= 1e-3
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+@pytest.mark.parametrize("train", [True, False])
+def test_native_recurrence_propagates_nan_like_the_reference(train):
+    """A NaN at one pixel reaches exactly the states the reference's do: the cross of its row and column,
+    from that step on in each direction (the logits test above cannot see this: the MLP spreads it anyway)."""
+    from seqvision.models.sequencer import RNN2d
+
+    rnn = RNN2d(16, 8)
+    x = torch.randn(2, 6, 5, 16)
+    x[0, 2, 3, 4] = float("nan")
+    with torch.set_grad_enabled(train):
+        ref, got = rnn.mix(x), (rnn.set_backend("native"), rnn.mix_native(x))[1]
+    assert torch.equal(torch.isnan(ref), torch.isnan(got))
+    assert torch.isnan(got).any(dim=-1).sum() == 6 + 5 - 1 and not torch.isnan(got[1]).any()
