@@ -25,7 +25,7 @@ RUN ?= runs/main-job
 # Rerunning continues or re-reports the same run folder.
 demo: setup data
 	$(SEQ) train --config small --data fashion-mnist --output $(RUN) --resume
-	$(SEQ) validate --data fashion-mnist --checkpoint $(RUN) --output $(RUN)/validation
+	$(SEQ) validate --checkpoint $(RUN) --output $(RUN)/validation
 	@echo "report: $(RUN)/report.md"
 
 test: setup

@@ -1,6 +1,8 @@
 """`seqvision benchmark`: our models against timm's, same weights, same process, alternating rounds."""
 from __future__ import annotations
 
+import os
+import platform
 import resource
 import statistics
 import time
@@ -11,6 +13,7 @@ from torch import nn
 
 from . import create_model
 from .flops import count_macs, count_params
+from .ops import int8, native
 from .quantize import quantize_int8
 
 
@@ -39,6 +42,20 @@ def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
         a @ b
         times.append(time.perf_counter() - t)
     return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def machine() -> dict:
+    """What a speed figure depends on: the CPU, the ISA the native kernel was built for, oneDNN's ISA cap,
+    and the int8 engine with its activation width."""
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    engine, reduce_range = int8.pick_engine()
+    return {"cpu": name, "cpu_isa": native.cpu_isa(), "kernel_isa": native.build_isa(),
+            "onednn_isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", "none"),
+            "int8": f"{engine}, {7 if reduce_range else 8}-bit activations"}
 
 
 def timm_equivalent(model: nn.Module) -> nn.Module | None:
@@ -121,7 +138,7 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> list[dict]:
         if progress:
             progress(r + 1, cfg.rounds)
     flop_per_img = 2 * macs * (3 if cfg.mode == "train" else 1)  # backward ~ 2x forward
-    rows = []
+    rows, where = [], machine()
     for k, ts in times.items():
         ips = cfg.batch_size / statistics.median(ts)
         ratio = statistics.median(b / t for t, b in zip(ts, times[baseline]))
@@ -130,5 +147,5 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> list[dict]:
                          ratio=round(ratio, 3), params=params, gmacs=round(macs / 1e9, 3),
                          gflops=round(flop_per_img * ips / 1e9, 1), matmul_gflops=round(rate, 1),
                          roofline_share=round(flop_per_img * ips / 1e9 / rate, 3),
-                         peak_mem_growth_mb=round(mem[k], 1)))
+                         peak_mem_growth_mb=round(mem[k], 1), **where))
     return rows

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .weights import atomic_write, load_model, read_metadata, save_model
+from .weights import WeightsError, atomic_write, load_model, read_metadata, save_model
 
 LATEST = "latest"
 
@@ -67,15 +67,15 @@ def resolve_weights(path: str | Path) -> Path:
 
 
 def load_for_inference(path: str | Path):
-    """(model, classes, data settings) from a run folder or a seqvision weights file."""
+    """(model, classes, data settings, metadata) from a run folder or a seqvision weights file."""
     weights = resolve_weights(path)
     model = load_model(weights).eval()
     meta = read_metadata(weights)
     classes = json.loads(meta.get("classes", "null")) or [str(i) for i in range(model.num_classes)]
     data = json.loads(meta.get("data", "{}"))
     if len(classes) != model.num_classes:
-        raise ValueError(f"{weights}: {len(classes)} class names for a {model.num_classes}-class head")
-    return model, classes, data
+        raise WeightsError(f"{weights}: {len(classes)} class names for a {model.num_classes}-class head")
+    return model, classes, data, meta
 
 
 def eval_transform(model, data: dict, img_size: int = 0, crop_pct: float = 0.0):

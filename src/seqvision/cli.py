@@ -55,27 +55,54 @@ def cmd_train(args) -> None:
         print(f"report: {write_report(run_folder(cfg), time.perf_counter() - t0)}")
 
 
+def eval_data(args, meta: dict):
+    """(split dataset, classes, split name) that validate/quantize score, from the run's own record.
+
+    The dataset, the held-out fraction and the seed come from the weights' metadata (every file `train`
+    writes records them) unless flags override them; a request that would score images the model was
+    trained on (the run's data with another split) is refused.
+    """
+    from .data import build_datasets
+    from .errors import ConfigError
+
+    run = json.loads(meta.get("split", "null")) or {}
+    data = args.data or run.get("data")
+    if not data:
+        raise ConfigError(f"{args.checkpoint} does not record its dataset: pass --data")
+    fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1)
+    seed = args.seed if args.seed is not None else run.get("seed", 0)
+    if data == run.get("data") and args.split == "val" and (fraction, seed) != (run["val_fraction"], run["seed"]):
+        raise ConfigError(f"{args.checkpoint} was trained with --val-fraction {run['val_fraction']} --seed "
+                          f"{run['seed']} on {data}; another split would score training images (use --split test "
+                          f"for the test split)")
+    spec = build_datasets(data, fraction, seed, getattr(args, "skip_corrupt", False), args.data_root)
+    if args.split == "test" and spec.test is None:
+        raise ConfigError(f"--split test: {data} has no test split (a single class-folder tree)")
+    return (spec.test if args.split == "test" else spec.val), spec.classes, data
+
+
 def cmd_validate(args) -> None:
     import torch
 
     from .checkpoint import eval_transform, load_for_inference
-    from .data import Seeded, build_datasets
+    from .data import DataError, Seeded
     from .engine import evaluate
 
-    model, classes, data = load_for_inference(args.checkpoint)
-    spec = build_datasets(args.data, args.val_fraction, args.seed, args.skip_corrupt, args.data_root)
-    if spec.classes != classes:
-        raise ValueError(f"{args.checkpoint}: the model's classes {classes} disagree with {args.data}'s {spec.classes}")
+    model, classes, data, meta = load_for_inference(args.checkpoint)
+    ds, data_classes, name = eval_data(args, meta)
+    if data_classes != classes:
+        raise DataError(f"{args.checkpoint}: the model's classes {classes} disagree with {name}'s {data_classes}")
     tf, size = eval_transform(model, data, args.img_size, args.crop_pct)
-    loader = torch.utils.data.DataLoader(Seeded(spec.val, tf, 0), batch_size=args.batch_size, num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(Seeded(ds, tf, 0), batch_size=args.batch_size, num_workers=args.workers)
     m = evaluate(model, loader, torch.device("cpu"), len(classes))
-    m["classes"], m["img_size"] = classes, size
+    m["classes"], m["img_size"], m["split"], m["data"] = classes, size, args.split, name
     if args.output:
         _write_validation(m, args.output)
     if args.json:
         print(json.dumps(m))
     else:
-        print(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  ({m['count']} images at {size}px)")
+        print(f"{name} {args.split}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  "
+              f"({m['count']} images at {size}px)")
         for c, a in zip(classes, m["per_class_acc"]):
             print(f"  {c:<24} {a:6.2f}%")
 
@@ -101,7 +128,7 @@ def cmd_predict(args) -> None:
     from .checkpoint import eval_transform, load_for_inference
     from .data import ImageFiles
 
-    model, classes, data = load_for_inference(args.checkpoint)
+    model, classes, data, _ = load_for_inference(args.checkpoint)
     tf, _ = eval_transform(model, data)
     reader = ImageFiles([], classes)
     results = []
@@ -142,8 +169,9 @@ def _emit(rows: list[dict], args) -> None:
 
 
 def cmd_benchmark(args) -> None:
-    from .benchmark import BenchConfig, run_benchmark
+    from .benchmark import BenchConfig, machine, run_benchmark
 
+    print("# " + ", ".join(f"{k}: {v}" for k, v in machine().items()), file=sys.stderr)
     rows = []
     for mode in args.mode:
         for batch in args.batch_size:
@@ -160,15 +188,16 @@ def cmd_export(args) -> None:
     from .checkpoint import load_for_inference
     from .export import check_onnx, dynamic_sides, export_onnx, export_program
 
-    model = load_for_inference(args.checkpoint)[0] if args.checkpoint else create_model(args.model)
+    model, data = (load_for_inference(args.checkpoint)[::2] if args.checkpoint else (create_model(args.model), {}))
+    size = args.img_size or data.get("img_size") or 0  # a run's own training size unless overridden
     if args.format == "onnx":
-        export_onnx(model, args.dst, args.img_size or None)
-        base = args.img_size or model.cfg.img_size[0]
+        export_onnx(model, args.dst, size or None)
+        base = size or model.cfg.img_size[0]
         sizes = [base, base + 2 * model.stride] if dynamic_sides(model) else [base]
         for r in check_onnx(model, args.dst, sizes):
             print(f"onnxruntime vs PyTorch at {r['size']}px, batch {r['batch']}: max abs diff {r['max_abs_diff']:.2e}")
     else:
-        export_program(model, args.dst, args.img_size or None)
+        export_program(model, args.dst, size or None)
     print(f"wrote {args.dst}")
 
 
@@ -176,14 +205,15 @@ def cmd_quantize(args) -> None:
     import torch
 
     from .checkpoint import eval_transform, load_for_inference
-    from .data import Seeded, build_datasets
+    from .data import Seeded
+    from .ops.int8 import pick_engine
     from .quantize import quantize_int8
 
-    model, classes, data = load_for_inference(args.checkpoint)
+    model, classes, data, meta = load_for_inference(args.checkpoint)
     qmodel = quantize_int8(model)  # a copy: model stays fp32
-    spec = build_datasets(args.data, args.val_fraction, args.seed, data_root=args.data_root)
+    ds, _, name = eval_data(args, meta)
     tf, _ = eval_transform(model, data)
-    ds = Seeded(spec.val, tf, 0)
+    ds = Seeded(ds, tf, 0)
     n = min(args.limit or len(ds), len(ds))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=256)
     agree = correct_fp = correct_q = 0
@@ -193,21 +223,26 @@ def cmd_quantize(args) -> None:
             agree += (a == b).sum().item()
             correct_fp += (a == y).sum().item()
             correct_q += (b == y).sum().item()
-    row = {"images": n, "top1_agreement": round(100 * agree / n, 2), "fp32_top1": round(100 * correct_fp / n, 2),
-           "int8_top1": round(100 * correct_q / n, 2)}
+    engine, reduce_range = pick_engine()
+    row = {"split": f"{name} {args.split}", "images": n, "top1_agreement": round(100 * agree / n, 2),
+           "fp32_top1": round(100 * correct_fp / n, 2), "int8_top1": round(100 * correct_q / n, 2),
+           "engine": engine, "activation_bits": 7 if reduce_range else 8}
     if args.dst:
         from .weights import save_model
-        save_model(qmodel, args.dst)
+        keep = {k: meta[k] for k in ("classes", "data", "split") if k in meta}  # what predict/validate read
+        save_model(qmodel, args.dst, keep)
         row["saved"] = args.dst
     print(json.dumps(row) if args.json else "  ".join(f"{k} {v}" for k, v in row.items()))
 
 
 def add_eval_data_args(p: argparse.ArgumentParser) -> None:
-    """The checkpoint and validation-data flags of validate and quantize."""
-    p.add_argument("--data", required=True, help="dataset name or folder, as for train")
+    """The checkpoint and evaluation-data flags of validate and quantize; the run's own settings by default."""
     p.add_argument("--checkpoint", required=True, help="run folder or .safetensors file")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of a single class-folder tree")
-    p.add_argument("--seed", type=int, default=0, help="seed of that split (use the training seed)")
+    p.add_argument("--data", default=None, help="dataset name or folder, as for train (default: the run's)")
+    p.add_argument("--split", choices=["val", "test"], default="val",
+                   help="val: the run's held-out part of the training data; test: the test split")
+    p.add_argument("--val-fraction", type=float, default=None, help="held-out share (default: the run's)")
+    p.add_argument("--seed", type=int, default=None, help="seed of that split (default: the run's)")
     p.add_argument("--data-root", default=None, help="where a named dataset's files are")
 
 
@@ -216,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="seqvision",
         description="Sequencer (deep LSTMs for image classification), ViT and MLP-Mixer: list models, "
                     "convert weights, train, validate, predict and benchmark.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("models", help="list registered models with parameters and GMACs",
@@ -250,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="evaluate a checkpoint: top-1/5, loss, per-class accuracy, confusion",
                        description="Evaluate a run folder (its best weights) or a seqvision weights file on the "
-                                   "validation split of --data, at any resolution and crop.")
+                                   "run's held-out validation split (default) or the test split (--split test), "
+                                   "at any resolution and crop. Dataset and split come from the run.")
     add_eval_data_args(p)
     p.add_argument("--img-size", type=int, default=0, help="evaluation size (default: the training size)")
     p.add_argument("--crop-pct", type=float, default=0.0, help="centre-crop fraction for large images")
@@ -314,13 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; expected failures print one line and return 1 (`--debug` raises them instead)."""
+    from .errors import SeqvisionError
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (SeqvisionError, FileNotFoundError, FileExistsError, KeyError) as e:
+        if args.debug:
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"seqvision {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 

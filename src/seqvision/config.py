@@ -9,7 +9,13 @@ from pathlib import Path
 
 import yaml
 
+from .errors import ConfigError
+
 RECIPES = Path(__file__).parent / "recipes"
+NEEDS_WEIGHTS = ("finetune392", "transfer")  # recipes that start from trained weights
+# What a resumed run may change: where things are and how the work is done, not what is computed.
+RESUMABLE = ("output", "resume", "data_root", "workers", "threads", "ckpt_every", "keep_ckpts", "max_steps",
+             "tensorboard", "skip_corrupt")
 
 
 def opt(default, help: str):
@@ -24,7 +30,10 @@ class TrainConfig:
     model: str = opt("sequencer2d_1m_28", "registered model name (seqvision models)")
     config: str = opt("", "recipe: a bundled name (small, imagenet, finetune392, transfer) or a YAML path")
     output: str = opt("", "run folder (default runs/MODEL-DATA)")
-    resume: bool = opt(False, "continue the run in --output from its latest checkpoint")
+    resume: bool = opt(False, "continue the run in --output from its latest checkpoint, with its own settings")
+    pretrained: str = opt("", "start from these weights: a run folder or a weights file (seqvision, timm or "
+                              "the authors' keys); the head is re-initialised when the classes differ")
+    freeze_backbone: bool = opt(False, "train the classifier only (linear probing; needs --pretrained)")
     data_root: str = opt("", "where a named dataset's files are (default: its usual place)")
     epochs: int = opt(10, "training epochs, cooldown included")
     batch_size: int = opt(128, "global batch per optimizer step (all processes, all accumulation steps)")
@@ -36,7 +45,9 @@ class TrainConfig:
     min_lr: float = opt(1e-6, "floor of the cosine schedule")
     cooldown_epochs: int = opt(0, "epochs at --min-lr after the cosine decay")
     img_size: int = opt(0, "input side (0: the model's default)")
-    val_fraction: float = opt(0.1, "share of a single class-folder tree held out for validation")
+    val_fraction: float = opt(0.1, "share of the training data held out for validation (curves, model selection)")
+    select_on: str = opt("val", "split that picks best.safetensors: val, or test (opt-in; makes the test figure "
+                                "optimistic)")
     mean: tuple[float, ...] = opt((0.485, 0.456, 0.406), "normalisation mean per channel")
     std: tuple[float, ...] = opt((0.229, 0.224, 0.225), "normalisation std per channel")
     crop_pct: float = opt(0.875, "eval centre-crop fraction (large images)")
@@ -65,10 +76,16 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.accum_steps <= 0 or self.epochs <= 0:
-            raise ValueError(f"batch_size, accum_steps and epochs must be positive, got "
+            raise ConfigError(f"batch_size, accum_steps and epochs must be positive, got "
                              f"{self.batch_size}, {self.accum_steps}, {self.epochs}")
         if self.amp not in ("", "bf16", "fp16"):
-            raise ValueError(f"--amp must be bf16, fp16 or empty, got {self.amp!r}")
+            raise ConfigError(f"--amp must be bf16, fp16 or empty, got {self.amp!r}")
+        if self.select_on not in ("val", "test"):
+            raise ConfigError(f"--select-on must be val or test, got {self.select_on!r}")
+        if Path(self.config).stem in NEEDS_WEIGHTS and not self.pretrained:
+            raise ConfigError(f"the {Path(self.config).stem} recipe fine-tunes: pass --pretrained RUN_DIR_OR_FILE")
+        if self.freeze_backbone and not self.pretrained:
+            raise ConfigError("--freeze-backbone trains the classifier alone: pass --pretrained weights too")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
 
 
@@ -79,12 +96,17 @@ def load_recipe(name_or_path: str) -> dict:
         path = RECIPES / f"{name_or_path}.yaml"
     if not path.is_file():
         names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-        raise ValueError(f"recipe {name_or_path!r} not found (bundled: {', '.join(names)})")
-    values = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"recipe {name_or_path!r} not found (bundled: {', '.join(names)})")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of settings, got {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}")
+        raise ConfigError(f"{path}: unknown keys {unknown}")
     return values
 
 
@@ -106,7 +128,52 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Dataclass defaults, then the recipe named by --config, then the flags given on the command line."""
+    """Dataclass defaults, then the recipe named by --config, then the flags given on the command line.
+
+    With --resume and an existing run folder, the run's own settings (run.json) replace the first two, so
+    `--resume` alone continues the run as it was started; a flag that changes what the run computes is
+    refused by `resume_differences`.
+    """
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     recipe = load_recipe(given["config"]) if given.get("config") else {}
-    return TrainConfig(**{**recipe, **given})
+    cfg = TrainConfig(**{**recipe, **given})
+    saved = saved_config(run_folder(cfg)) if cfg.resume else None
+    if saved is None:
+        return cfg
+    changed = resume_differences(TrainConfig(**{**saved, **given}), saved)
+    if changed:
+        raise ConfigError(f"{run_folder(cfg)}: --resume cannot change {changed}; start a new --output instead")
+    return TrainConfig(**{**saved, **given})
+
+
+def run_folder(cfg: TrainConfig) -> Path:
+    data_name = Path(cfg.data).name or cfg.data
+    return Path(cfg.output or f"runs/{cfg.model}-{data_name}")
+
+
+def saved_config(run: Path) -> dict | None:
+    """The settings a run folder was started with (its run.json), or None for a new folder."""
+    path = run / "run.json"
+    if not path.exists():
+        return None
+    import json
+
+    try:
+        saved = json.loads(path.read_text())["train"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a seqvision run record ({type(e).__name__}: {e})") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known}
+
+
+def resume_differences(cfg: TrainConfig, saved: dict) -> str:
+    """The settings in which `cfg` differs from a run's saved ones, other than those a resume may change,
+    as "--flag OLD -> NEW" items ('' when there are none)."""
+    now = dataclasses.asdict(cfg)
+    diffs = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in saved
+             if k not in RESUMABLE and _norm(saved[k]) != _norm(now[k])]
+    return ", ".join(diffs)
+
+
+def _norm(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v

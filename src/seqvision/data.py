@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
+
+from .errors import SeqvisionError
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)  # Debian's dataset-fashion-mnist
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -27,7 +29,7 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
-class DataError(ValueError):
+class DataError(SeqvisionError, ValueError):
     """Data that cannot be used; the message names the file or folder at fault."""
 
 
@@ -182,39 +184,55 @@ def cifar(name: str, split: str, root: str) -> TensorImages:
 
 @dataclass
 class DataSpec:
+    """A dataset's three roles: `train` to fit, `val` (held out from the training data) for curves and model
+    selection, `test` scored once at the end on the selected weights (None where the data has none)."""
     train: Dataset
     val: Dataset
+    test: Dataset | None
     classes: list[str]
+
+
+def held_out(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, val) subsets of `ds`, a seeded `fraction` of it held out for validation."""
+    train, val = split_samples(list(range(len(ds))), fraction, seed)
+    return Subset(ds, train), Subset(ds, val)
 
 
 def build_datasets(data: str, val_fraction: float = 0.1, seed: int = 0, skip_corrupt: bool = False,
                    data_root: str | None = None) -> DataSpec:
-    """Resolve `--data`: a named dataset, a folder with train/ and val/, or one class-folder tree to split.
+    """Resolve `--data`: a named dataset, a folder of class folders with a test split, or one class-folder tree.
+
+    The validation split is always held out of the training data (`val_fraction`, seeded); the test split
+    is the official one for named datasets, and a folder's `test/` (else its `val/`) beside `train/`.
+    A single class-folder tree has no test split.
 
     Args:
         data: "fashion-mnist", "cifar10", "cifar100", or a folder path.
-        val_fraction: share of a single tree held out for validation.
+        val_fraction: share of the training data held out for validation.
         seed: seed of that split.
         skip_corrupt: skip unreadable images instead of stopping.
         data_root: where named datasets' files are (default: their usual places).
     """
     if data == "fashion-mnist":
-        return DataSpec(fashion_mnist("train", data_root), fashion_mnist("test", data_root), FASHION_MNIST_CLASSES)
+        return DataSpec(*held_out(fashion_mnist("train", data_root), val_fraction, seed),
+                        fashion_mnist("test", data_root), FASHION_MNIST_CLASSES)
     if data in ("cifar10", "cifar100"):
-        train = cifar(data, "train", data_root or "data")
-        return DataSpec(train, cifar(data, "test", data_root or "data"), train.classes)
+        full = cifar(data, "train", data_root or "data")
+        return DataSpec(*held_out(full, val_fraction, seed), cifar(data, "test", data_root or "data"), full.classes)
     root = Path(data)
     if not root.exists():
         raise DataError(f"--data {data}: no such folder, and not one of fashion-mnist, cifar10, cifar100")
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        train, classes = scan_class_folders(root / "train")
-        val, val_classes = scan_class_folders(root / "val")
-        if val_classes != classes:
-            raise DataError(f"{root}: train classes {classes} differ from val classes {val_classes}")
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if (root / "train").is_dir() and test_dir is not None:
+        samples, classes = scan_class_folders(root / "train")
+        test, test_classes = scan_class_folders(test_dir)
+        if test_classes != classes:
+            raise DataError(f"{root}: train classes {classes} differ from {test_dir.name} classes {test_classes}")
+        test = ImageFiles(test, classes, skip_corrupt)
     else:
-        samples, classes = scan_class_folders(root)
-        train, val = split_samples(samples, val_fraction, seed)
-    return DataSpec(ImageFiles(train, classes, skip_corrupt), ImageFiles(val, classes, skip_corrupt), classes)
+        (samples, classes), test = scan_class_folders(root), None
+    train, val = split_samples(samples, val_fraction, seed)
+    return DataSpec(ImageFiles(train, classes, skip_corrupt), ImageFiles(val, classes, skip_corrupt), test, classes)
 
 
 # Transforms -------------------------------------------------------------------------------------------
@@ -224,13 +242,13 @@ def build_transform(train: bool, img_size: int, in_chans: int, mean: tuple, std:
     """Train or eval transform to a normalised (in_chans, img_size, img_size) float tensor.
 
     Large images get timm's ImageNet pipeline (random-resized crop, RandAugment, bicubic resize and centre
-    crop for eval); small ones (<= 64 px) a padded random crop and flip, with optional RandAugment.
+    crop for eval); small ones (< 64 px) a padded random crop and flip, with optional RandAugment.
     """
     from torchvision.transforms import v2
 
     norm = [_Normalize(mean[:in_chans], std[:in_chans])]
     erase = [v2.RandomErasing(p=re_prob, value=0)] if train and re_prob > 0 else []
-    if img_size > 64:
+    if img_size >= 64:
         from timm.data import create_transform
         tf = create_transform(img_size, is_training=train, auto_augment=randaugment or None, re_prob=0.0, hflip=hflip,
                               interpolation="bicubic", crop_pct=crop_pct, mean=mean[:in_chans], std=std[:in_chans])
@@ -299,4 +317,5 @@ class Seeded(Dataset):
         s = (self.seed * 1_000_003 + self.epoch * 10_007 + i) % 2**31
         torch.default_generator.manual_seed(s)  # CPU transforms draw from it; torch.manual_seed costs 100x more
         random.seed(s)
+        np.random.seed(s)  # timm's RandAugment and random erasing draw from numpy
         return self.transform(img), label

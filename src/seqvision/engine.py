@@ -10,9 +10,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .errors import SeqvisionError
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the run stops before anything is overwritten."""
+
+class NonFiniteLoss(SeqvisionError, RuntimeError):
+    """The loss or a gradient became NaN or infinite; the run stops before the optimizer step, so nothing
+    is overwritten."""
 
 
 def seed_step(seed: int, step: int, micro: int, rank: int) -> None:
@@ -50,9 +53,21 @@ def train_micro_step(model, images, targets, criterion, mixup, device, amp: str,
     return loss_value
 
 
-def optimizer_step(model, optimizer, clip_grad: float, scaler=None) -> None:
+def check_gradients(model, step: int) -> None:
+    """Stop before the optimizer step if any gradient is NaN or infinite, naming the first such parameter.
+    (With fp16 the grad scaler skips such steps itself; without it, AdamW would write NaN weights.)"""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()):
+        name = next(n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all())
+        raise NonFiniteLoss(f"the gradient of {name} is not finite at step {step}; stopped before the optimizer "
+                            f"step, the last checkpoint is kept")
+
+
+def optimizer_step(model, optimizer, clip_grad: float, scaler=None, step: int = 0) -> None:
     if scaler is not None:
         scaler.unscale_(optimizer)
+    else:
+        check_gradients(model, step)
     if clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     if scaler is not None:

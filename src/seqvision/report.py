@@ -45,23 +45,38 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
 
 
 def write_report(run: Path, train_seconds: float | None = None) -> Path:
-    """curves.png, confusion.png and report.md from the run folder's metrics files."""
+    """curves.png, confusion.png and report.md from the run folder's metrics files: validation figures
+    (the split that chose the weights) beside the test split's, scored once on the chosen weights."""
     history = json.loads((run / "metrics.json").read_text())
     last = json.loads((run / "val_last.json").read_text())
+    test = json.loads((run / "test.json").read_text()) if (run / "test.json").exists() else None
     meta = json.loads((run / "run.json").read_text())
     plot_curves(history, run / "curves.png")
-    plot_confusion(last["confusion"], last["classes"], run / "confusion.png")
+    shown = test or last  # the confusion matrix and per-class table of the figure that is reported
+    plot_confusion(shown["confusion"], shown["classes"], run / "confusion.png")
     cfg = meta["train"]
     seconds = sum(h["epoch_seconds"] for h in history)
+    best = max(history, key=lambda h: h["top1"])
+    chosen_on = "the test split (--select-on test: optimistic)" if cfg.get("select_on") == "test" else \
+        f"the validation split ({cfg.get('val_fraction', 0.1):g} of the training data, seed {cfg['seed']})"
     lines = [f"# {cfg['model']} on {cfg['data']}", "",
-             f"- epochs: {len(history)}, batch {cfg['batch_size']}, lr {cfg['lr']}, recipe `{cfg['config'] or 'default'}`",
-             f"- training time (epoch loops, validation included): {seconds / 60:.1f} min"
+             f"- epochs: {len(history)}, batch {cfg['batch_size']}, lr {cfg['lr']}, recipe `{cfg['config'] or 'default'}`"
+             + (f", from `{cfg['pretrained']}`" if cfg.get("pretrained") else ""),
+             f"- training time (epoch loops, evaluation excluded): {seconds / 60:.1f} min"
              + (f"; wall time of the whole command: {train_seconds / 60:.1f} min" if train_seconds else ""),
-             f"- final validation: top-1 **{last['top1']:.2f}%**, top-5 {last['top5']:.2f}%, loss {last['loss']:.4f} "
-             f"on {last['count']} images", "",
-             "| class | accuracy (%) |", "|---|---|"]
-    lines += [f"| {c} | {a:.1f} |" for c, a in zip(last["classes"], last["per_class_acc"])]
-    lines += ["", "| epoch | train loss | val loss | top-1 | top-5 | lr | seconds |", "|---|---|---|---|---|---|---|"]
+             f"- weights chosen on {chosen_on}: epoch {best['epoch']}", "",
+             "| split | images | top-1 (%) | top-5 (%) | loss |", "|---|---|---|---|---|",
+             f"| validation (epoch {best['epoch']}) | {last['count']} | {best['top1']:.2f} | {best['top5']:.2f} | "
+             f"{best['val_loss']:.4f} |"]
+    if test is not None:
+        lines.append(f"| **test** (scored once) | {test['count']} | **{test['top1']:.2f}** | {test['top5']:.2f} | "
+                     f"{test['loss']:.4f} |")
+    else:
+        lines.append("| test | - | no test split in this data | | |")
+    lines += ["", f"Per class ({'test' if test else 'validation'}):", "", "| class | accuracy (%) |", "|---|---|"]
+    lines += [f"| {c} | {a:.1f} |" for c, a in zip(shown["classes"], shown["per_class_acc"])]
+    lines += ["", "| epoch | train loss | val loss | val top-1 | val top-5 | lr | seconds |",
+              "|---|---|---|---|---|---|---|"]
     lines += [f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | {h['top1']:.2f} | {h['top5']:.2f} | "
               f"{h['lr']:.2e} | {h['epoch_seconds']:.0f} |" for h in history]
     lines += ["", "![training curves](curves.png)", "", "![confusion matrix](confusion.png)", ""]

@@ -18,12 +18,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from .errors import SeqvisionError
 from .registry import Entry, build_from_config, build_model
 
 WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
 
 
-class WeightsError(ValueError):
+class WeightsError(SeqvisionError, ValueError):
     """A weight file that cannot be read or does not fit the model; the message names file and keys."""
 
 

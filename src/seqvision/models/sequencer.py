@@ -228,8 +228,10 @@ class RNN2d(nn.Module):
         return self.unite(torch.cat(outs, dim=-1))  # (B, H, W, K*D), directions in channel order
 
     def quantize_int8_(self, engine: str) -> None:
-        """Give the native inference path its stacked input projection in int8 (see seqvision.quantize)."""
-        if self.backend == "native":
+        """Give the native inference path its stacked input projection in int8 (see seqvision.quantize).
+        Made for every LSTM mixer, whichever backend runs here, so that an int8 file written on a machine
+        without the native kernel loads on one with it, and the other way round (the other paths ignore it)."""
+        if self.cell == "lstm":
             self.proj_int8 = Int8Linear(self.stacked_weights(fold=True)[1], None, engine)
 
 
