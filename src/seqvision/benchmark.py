@@ -99,6 +99,13 @@ def _step_fn(model: nn.Module, x: torch.Tensor, mode: str):
     return run
 
 
+def summarize(times: dict[str, list[float]], baseline: str, batch: int) -> dict[str, tuple[float, float]]:
+    """(median img/s, median over rounds of baseline time / this time) per implementation: ratios are taken
+    within a round, so drift that slows a whole round cancels."""
+    return {k: (batch / statistics.median(ts), statistics.median(b / t for t, b in zip(ts, times[baseline])))
+            for k, ts in times.items()}
+
+
 def run_benchmark(cfg: BenchConfig, progress=None) -> list[dict]:
     """Median img/s of each implementation and the median of per-round ratios to timm's (or the reference)."""
     if cfg.threads:
@@ -139,9 +146,7 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> list[dict]:
             progress(r + 1, cfg.rounds)
     flop_per_img = 2 * macs * (3 if cfg.mode == "train" else 1)  # backward ~ 2x forward
     rows, where = [], machine()
-    for k, ts in times.items():
-        ips = cfg.batch_size / statistics.median(ts)
-        ratio = statistics.median(b / t for t, b in zip(ts, times[baseline]))
+    for k, (ips, ratio) in summarize(times, baseline, cfg.batch_size).items():
         rows.append(dict(model=cfg.model, impl=k, mode=cfg.mode, batch=cfg.batch_size, img_size=size,
                          threads=torch.get_num_threads(), img_per_s=round(ips, 2), ratio_vs=baseline,
                          ratio=round(ratio, 3), params=params, gmacs=round(macs / 1e9, 3),

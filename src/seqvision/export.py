@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import require
 from .layers import resample_grid
 
 
@@ -47,6 +48,7 @@ def _bake_grid(model: nn.Module, size: int) -> nn.Module:
 
 def export_onnx(model: nn.Module, path: str | Path, img_size: int | None = None, opset: int = 17) -> Path:
     """Write `model` as ONNX with a dynamic batch, and dynamic height/width where `dynamic_sides(model)`."""
+    require("onnx", "export")
     model = _prepare(model)
     x = _example(model, img_size)
     if not dynamic_sides(model):
@@ -59,7 +61,7 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int | None = None,
 
 def check_onnx(model: nn.Module, path: str | Path, sizes: list[int], batch: int = 2) -> list[dict]:
     """Max |onnxruntime - PyTorch| of the logits at each input size."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "export")
 
     model = _prepare(model)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -143,6 +143,8 @@ def build(cfg: TrainConfig) -> Run:
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
+    if cfg.tensorboard:
+        require("tensorboard", "tensorboard")  # before anything is written
     if cfg.deterministic:
         make_deterministic()
     rank, world, device = setup_distributed()
@@ -356,7 +358,6 @@ def _write_metrics(run: Path, history: list[dict], last: dict, classes: list[str
 
 
 def _tensorboard(run: Path):
-    require("tensorboard", "tensorboard")
     from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(run / "tb")
 

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from .errors import SeqvisionError
+from .errors import SeqvisionError, require
 from .registry import Entry, build_from_config, build_model
 
 WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
@@ -212,16 +212,18 @@ def resolve_pretrained(entry: Entry, pretrained: bool | str) -> str:
         return str(pretrained)
     if entry.hub_id is None:
         raise WeightsError(f"{entry.name} has no released weights; pass pretrained=PATH to a weight file")
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise WeightsError("downloading released weights needs huggingface_hub (pip install huggingface_hub); "
-                           "or pass pretrained=PATH") from None
+    hf_hub_download = require("huggingface_hub", "hub").hf_hub_download  # or pass pretrained=PATH
     try:
         return hf_hub_download(entry.hub_id, "model.safetensors")
     except Exception as e:
         raise WeightsError(f"could not fetch {entry.hub_id} ({type(e).__name__}: {e}); "
                            f"offline, pass pretrained=PATH to a downloaded file") from None
+
+
+def classifier_key(model: nn.Module) -> str | None:
+    """The state-dict key of the classifier's weight, or None for a headless model."""
+    head = model.get_classifier()
+    return next((f"{name}.weight" for name, m in model.named_modules() if m is head and hasattr(m, "weight")), None)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | None = None,
@@ -241,12 +243,19 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | No
         raise WeightsError(f"{src}: name the model these weights belong to (--model NAME)")
     else:
         sd = to_model_keys(read_state_dict(src))
-        num_classes = sd["head.fc.weight"].shape[0] if "head.fc.weight" in sd else 0
-        model = build_model(model_name, num_classes=num_classes)
+        model = build_model(model_name)
+        key = classifier_key(model)  # head.fc.weight (Sequencer), head.weight (ViT, Mixer)
+        if key in sd and sd[key].shape[0] != model.num_classes:
+            model = build_model(model_name, num_classes=sd[key].shape[0])
+        elif key is not None and key not in sd:
+            model = build_model(model_name, num_classes=0)
         load_state_dict(model, sd, source=str(src))
     if to == "seqvision":
         save_model(model, dst)
     elif to == "authors":
+        if model.family != "sequencer":
+            raise WeightsError(f"--to authors: the authors' format is Sequencer's; {model_name or src} is a "
+                               f"{model.family} model (its seqvision keys are timm's already)")
         sd = to_authors({k: v.contiguous() for k, v in model.state_dict().items()}, model.cfg.layers)
         if Path(dst).suffix == ".safetensors":
             atomic_write(dst, lambda tmp: save_file(sd, tmp))

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply,
+                      resample_grid, run_blocks, take_indices, to_fmt)
 from ..ops import native, recurrence
 from ..ops.inference import cpu_float_eval, linear_add, linear_gelu, scratch
 from ..ops.int8 import Int8Linear
-from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply,
-                      resample_grid, run_blocks, take_indices, to_fmt)
 from ..registry import register_family
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
