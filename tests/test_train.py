@@ -107,6 +107,8 @@ def test_validate_refuses_to_score_training_images(trained_run, capsys):
     assert "would score training images" in capsys.readouterr().err
     assert cli.main(["validate", "--checkpoint", str(trained_run), "--split", "test"]) == 1
     assert "has no test split" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="has no test split"):  # --debug: the exception itself, traceback and all
+        cli.main(["--debug", "validate", "--checkpoint", str(trained_run), "--split", "test"])
 
 
 def test_classes_disagreeing_with_checkpoint(tree, trained_run, tmp_path, capsys):
@@ -139,7 +141,7 @@ def test_non_finite_gradient_stops_before_the_step_and_keeps_latest(tree, tmp_pa
 
     def poisoned(model, *a, **k):
         loss = real(model, *a, **k)  # a finite loss, then one gradient goes bad
-        model.stages[1].blocks[0].mlp_channels.fc1.weight.grad[0, 0] = float("inf")
+        model.stages[1].blocks[0].mlp_channels.fc1.weight.grad[0, 0] = float("nan")
         return loss
 
     monkeypatch.setattr("seqvision.train.train_micro_step", poisoned)
