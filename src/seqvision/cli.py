@@ -235,6 +235,15 @@ def cmd_quantize(args) -> None:
     print(json.dumps(row) if args.json else "  ".join(f"{k} {v}" for k, v in row.items()))
 
 
+def cmd_experiment(args) -> None:
+    from .experiments import run
+
+    command = "seqvision experiment " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [args.name])
+    run(args.name, args.out, args.data, args.data_root, args.seeds, args.epochs, args.quick, args.budget,
+        args.fractions, command=command)
+    print(f"report: {os.path.join(args.out, 'report.md')}")
+
+
 def add_eval_data_args(p: argparse.ArgumentParser) -> None:
     """The checkpoint and evaluation-data flags of validate and quantize; the run's own settings by default."""
     p.add_argument("--checkpoint", required=True, help="run folder or .safetensors file")
@@ -335,6 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx", "torch.export"], default="onnx")
     p.add_argument("--img-size", type=int, default=0)
     p.set_defaults(func=cmd_export)
+
+    from .experiments import EXPERIMENTS
+
+    p = sub.add_parser("experiment", help="the paper's claims as experiments: compare, resolution, erf",
+                       description="Run one experiment of the paper at small scale. compare: Sequencer2D, ViT and "
+                                   "Mixer at matched budgets over seeds and shares of the training data; "
+                                   "resolution: the same models scored at other test sizes without fine-tuning; "
+                                   "erf: effective receptive fields of trained and untrained models. Each cell "
+                                   "is a run folder under OUT/cells (a rerun skips finished cells and resumes a "
+                                   "killed one); results.csv and plots go to OUT/NAME, a section to "
+                                   "OUT/report.md.")
+    p.add_argument("name", choices=EXPERIMENTS)
+    p.add_argument("--data", default="fashion-mnist", help="dataset name or class-folder tree, as for train")
+    p.add_argument("--data-root", default="", help="where a named dataset's files are")
+    p.add_argument("--out", default="runs/experiments", help="output folder (shared by the experiments)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=0, help="epochs per cell (default: the small recipe's)")
+    p.add_argument("--budget", choices=["1m", "5m"], default="1m", help="parameter budget of the models")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2, 1.0],
+                   help="compare: shares of the training split")
+    p.add_argument("--quick", action="store_true", help="a minutes-long smoke version (1 seed, 2 steps)")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("quantize", help="int8 CPU inference model, measured for agreement with fp32",
                        description="Quantise a trained checkpoint to int8 for CPU inference (every Linear and "

@@ -46,6 +46,7 @@ class TrainConfig:
     cooldown_epochs: int = opt(0, "epochs at --min-lr after the cosine decay")
     img_size: int = opt(0, "input side (0: the model's default)")
     val_fraction: float = opt(0.1, "share of the training data held out for validation (curves, model selection)")
+    train_fraction: float = opt(1.0, "train on this seeded share of the training split (data-efficiency studies)")
     select_on: str = opt("val", "split that picks best.safetensors: val, or test (opt-in; makes the test figure "
                                 "optimistic)")
     mean: tuple[float, ...] = opt((0.485, 0.456, 0.406), "normalisation mean per channel")
@@ -80,6 +81,8 @@ class TrainConfig:
                              f"{self.batch_size}, {self.accum_steps}, {self.epochs}")
         if self.amp not in ("", "bf16", "fp16"):
             raise ConfigError(f"--amp must be bf16, fp16 or empty, got {self.amp!r}")
+        if not 0 < self.train_fraction <= 1:
+            raise ConfigError(f"--train-fraction must be in (0, 1], got {self.train_fraction}")
         if self.select_on not in ("val", "test"):
             raise ConfigError(f"--select-on must be val or test, got {self.select_on!r}")
         if Path(self.config).stem in NEEDS_WEIGHTS and not self.pretrained:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from . import create_model
 from .checkpoint import latest_checkpoint, load_state, resolve_weights, save_checkpoint
 from .config import TrainConfig, resume_differences, run_folder, saved_config
-from .data import DataError, Seeded, build_datasets, build_transform
+from .data import DataError, Seeded, build_datasets, build_transform, held_out
 from .engine import NonFiniteLoss, evaluate, optimizer_step, seed_step, train_micro_step
 from .errors import ConfigError, require
 from .weights import atomic_write, load_model, load_weights, save_model
@@ -153,6 +153,8 @@ def build(cfg: TrainConfig) -> Run:
     folder = run_folder(cfg)
     resume_from = check_run_folder(cfg, folder)
     spec = build_datasets(cfg.data, cfg.val_fraction, cfg.seed, cfg.skip_corrupt, cfg.data_root or None)
+    if cfg.train_fraction < 1:  # the validation and test splits stay whole
+        spec.train = held_out(spec.train, 1 - cfg.train_fraction, cfg.seed)[0]
     if resume_from is not None:
         meta = json.loads((folder / "run.json").read_text())
         if meta["classes"] != spec.classes:

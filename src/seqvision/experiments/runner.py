@@ -1,0 +1,101 @@
+"""What every experiment shares: cells (model x seed x setting) run as ordinary run folders by the training
+engine, skipped when finished and resumed when killed; results.csv; a section of report.md."""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import TrainConfig
+
+QUICK = dict(epochs=1, max_steps=2, batch_size=16, workers=0, warmup_epochs=0.5)  # minutes-long smoke runs
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of an experiment.
+
+    Args:
+        id: its folder name under OUT/cells/.
+        settings: the columns it contributes to results.csv (model, seed, fraction, ...).
+        train: TrainConfig fields of this run (model, seed, ...), over the experiment's base settings.
+    """
+    id: str
+    settings: dict
+    train: dict = field(default_factory=dict)
+
+
+def run_cell(cell: Cell, out: Path, base: dict) -> Path:
+    """Train the cell (or resume it, or nothing when it finished) and return its run folder."""
+    from ..train import train
+
+    folder = out / "cells" / cell.id
+    if (folder / "done.json").exists():
+        return folder
+    t0 = time.perf_counter()
+    result = train(TrainConfig(**{**base, **cell.train, "output": str(folder), "resume": True}))
+    (folder / "done.json").write_text(json.dumps({"seconds": time.perf_counter() - t0, **result}))
+    return folder
+
+
+def run_cells(cells: list[Cell], out: Path, base: dict) -> list[Path]:
+    """Every cell in turn, with one progress bar across them."""
+    from tqdm import tqdm
+
+    folders = []
+    for cell in tqdm(cells, desc="cells", unit="cell", dynamic_ncols=True):
+        folders.append(run_cell(cell, out, base))
+    return folders
+
+
+def cell_metrics(folder: Path) -> dict:
+    """The figures of a finished run folder: chosen epoch's val top-1, test top-1, speed and time."""
+    history = json.loads((folder / "metrics.json").read_text())
+    best = max(history, key=lambda h: h["top1"])
+    test = json.loads((folder / "test.json").read_text()) if (folder / "test.json").exists() else {}
+    seconds = sum(h["epoch_seconds"] for h in history)
+    run = json.loads((folder / "run.json").read_text())
+    images = history[-1]["step"] * run["train"]["batch_size"]
+    return {"val_top1": round(best["top1"], 2), "test_top1": round(test["top1"], 2) if test else "",
+            "epochs": len(history), "train_img_per_s": round(images / max(seconds, 1e-9), 1),
+            "train_minutes": round(seconds / 60, 2)}
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def mean_sd(values: list[float]) -> str:
+    """'mean ± sd' over seeds ('mean' alone for one value)."""
+    values = [v for v in values if v != ""]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def write_section(out: Path, name: str, lines: list[str]) -> Path:
+    """Replace (or add) the `## name` section of OUT/report.md, leaving other experiments' sections."""
+    path = out / "report.md"
+    sections = {}
+    if path.exists():
+        current = None
+        for line in path.read_text().splitlines():
+            if line.startswith("## "):
+                current = line[3:].strip()
+                sections[current] = []
+            elif current is not None:
+                sections[current].append(line)
+    sections[name] = lines
+    text = ["# Experiments", ""] + [x for k, v in sections.items() for x in (f"## {k}", *v)]
+    path.write_text("\n".join(text).rstrip() + "\n")
+    return path

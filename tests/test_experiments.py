@@ -1,0 +1,90 @@
+"""`seqvision experiment`: each experiment's --quick run on generated data, reruns that skip finished cells,
+and an ERF property that can fail."""
+import csv
+
+import pytest
+import torch
+
+from seqvision import cli
+from seqvision.experiments.erf import erf_map, half_mass_area
+from seqvision.experiments.resolution import effective_size
+from seqvision.models.sequencer import Sequencer, SequencerConfig
+
+from helpers_data import write_image_tree
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp") / "data"
+    write_image_tree(root / "train", per_class=12)
+    write_image_tree(root / "test", per_class=4, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def out(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "out"
+    assert cli.main(["experiment", "compare", "--data", str(data), "--out", str(out), "--quick"]) == 0
+    return out
+
+
+def rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_compare_quick_writes_results_plots_and_report(out):
+    got = rows(out / "compare" / "results.csv")
+    assert [r["model"] for r in got] == ["sequencer2d_1m_28", "vit_1m_28", "mixer_1m_28"]
+    for col in ("fraction", "seed", "params", "gmacs", "val_top1", "test_top1", "train_img_per_s", "train_minutes"):
+        assert all(r[col] != "" for r in got), col
+    assert all(0 <= float(r["test_top1"]) <= 100 for r in got)
+    assert (out / "compare" / "accuracy_vs_params.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "## compare" in report and "seqvision experiment" in report and "| sequencer2d_1m_28 | 1 |" in report
+
+
+def test_rerun_does_not_retrain_finished_cells(data, out, monkeypatch):
+    def no_training(cfg):
+        raise AssertionError(f"{cfg.output} was trained again")
+
+    monkeypatch.setattr("seqvision.train.train", no_training)
+    assert cli.main(["experiment", "compare", "--data", str(data), "--out", str(out), "--quick"]) == 0
+
+
+def test_resolution_quick_reuses_compare_cells(data, out, monkeypatch):
+    monkeypatch.setattr("seqvision.train.train", lambda cfg: pytest.fail("compare's cells are reused"))
+    assert cli.main(["experiment", "resolution", "--data", str(data), "--out", str(out), "--quick"]) == 0
+    got = rows(out / "resolution" / "results.csv")
+    assert {int(r["test_size"]) for r in got} == {14, 21, 28, 35, 42, 56}
+    seq = {int(r["test_size"]): r for r in got if r["model"] == "sequencer2d_1m_28"}
+    assert seq[21]["effective"] == "20" and seq[56]["top1"] != ""
+    mixer = [r for r in got if r["model"] == "mixer_1m_28"]
+    assert all((r["top1"] == "") == (r["test_size"] != "28") for r in mixer)  # a Mixer runs at its size only
+    assert "fixed token count" in (out / "report.md").read_text()
+
+
+def test_erf_quick_writes_maps(data, out):
+    assert cli.main(["experiment", "erf", "--data", str(data), "--out", str(out), "--quick"]) == 0
+    got = rows(out / "erf" / "results.csv")
+    assert {(r["model"], r["state"]) for r in got} >= {("sequencer2d_1m_28", "trained"), ("vit_1m_28", "untrained")}
+    assert all(0 < float(r["half_mass_area"]) <= 1 for r in got)
+    assert (out / "erf" / "erf_maps.png").stat().st_size > 1000
+
+
+def test_erf_of_a_column_mixer_stays_in_the_centre_column():
+    """Vertical LSTMs only, no fc, 1x1 patches: the first block's centre sees its own column and nothing else."""
+    cfg = SequencerConfig(layers=(1,), patch_sizes=(1,), embed_dims=(16,), hidden_sizes=(8,), union="vertical",
+                          with_fc=False, img_size=(9, 9), in_chans=1, num_classes=3, backend="reference")
+    model = Sequencer(cfg)
+    m = erf_map(model, torch.randn(4, 1, 9, 9), 0)
+    assert m[:, 4].sum() > 0 and m[:, 4].gt(0).sum() > 1  # along the column, beyond the centre pixel
+    assert torch.all(m[:, [c for c in range(9) if c != 4]] == 0)
+    assert half_mass_area(m) <= 9 / 81
+
+
+def test_effective_size_and_half_mass():
+    assert [effective_size(s, 4) for s in (14, 21, 28, 35, 42, 56)] == [12, 20, 28, 32, 40, 56]
+    flat, point = torch.ones(10, 10), torch.zeros(10, 10)
+    point[3, 3] = 5
+    assert half_mass_area(flat) == pytest.approx(0.5, abs=0.011) and half_mass_area(point) == 0.01
