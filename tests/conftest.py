@@ -10,8 +10,9 @@ def _seed():
 def random_state_dict(model: torch.nn.Module, scale: float = 0.05) -> dict:
     """Non-trivial weights (the reference init zeroes the head, which would hide head mismatches)."""
     g = torch.Generator().manual_seed(1)
-    return {k: (torch.randn(v.shape, generator=g) * scale if v.dtype.is_floating_point else v)
-            for k, v in model.state_dict().items()}
+    sd = {k: (torch.randn(v.shape, generator=g) * scale if v.dtype.is_floating_point else v)
+          for k, v in model.state_dict().items()}
+    return {k: v.abs() + 1 if k.endswith("running_var") else v for k, v in sd.items()}  # a variance is positive
 
 
 def smallest_input(model) -> tuple[int, int]:

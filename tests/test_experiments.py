@@ -35,7 +35,7 @@ def rows(path):
 
 def test_compare_quick_writes_results_plots_and_report(out):
     got = rows(out / "compare" / "results.csv")
-    assert [r["model"] for r in got] == ["sequencer2d_1m_28", "vit_1m_28", "mixer_1m_28"]
+    assert [r["model"] for r in got] == ["sequencer2d_1m_28", "vit_1m_28", "mixer_1m_28", "resnet_1m_28"]
     for col in ("fraction", "seed", "params", "gmacs", "val_top1", "test_top1", "train_img_per_s", "train_minutes"):
         assert all(r[col] != "" for r in got), col
     assert all(0 <= float(r["test_top1"]) <= 100 for r in got)

@@ -116,9 +116,10 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str =
         if key in sd and key in own and sd[key].shape[1] != own[key].shape[1]:
             sd[key] = adapt_input_conv(sd[key], own[key].shape[1])
     if drop_head:  # keep the model's fresh classifier where the file's differs or is absent
-        for k in [k for k in sd if k.startswith("head") and k not in own]:
+        head = (classifier_key(model) or "head.weight").rsplit(".", 1)[0] + "."  # head.fc. / head. / fc.
+        for k in [k for k in sd if k.startswith(head) and k not in own]:
             sd.pop(k)
-        for k in [k for k in own if k.startswith("head")]:
+        for k in [k for k in own if k.startswith(head)]:
             if k not in sd or sd[k].shape != own[k].shape:
                 sd[k] = own[k]
     missing = sorted(set(own) - set(sd))
@@ -130,7 +131,7 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str =
         for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes)):
             if items:
                 lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
-        if any(k.startswith("head") for k in shapes):
+        if any(k.startswith(("head", "fc.")) for k in shapes):
             lines.append("  (a different number of classes? pass drop_head=True, or num_classes= to create_model)")
         raise WeightsError("\n".join(lines))
     model.load_state_dict(sd, strict=True)

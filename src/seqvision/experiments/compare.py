@@ -1,12 +1,12 @@
-"""`compare`: Sequencer2D, ViT and MLP-Mixer at matched parameter budgets, same recipe and epochs, over seeds
-and shares of the training data; validation and test top-1 as mean ± sd."""
+"""`compare`: Sequencer2D, ViT, MLP-Mixer and a ResNet at matched parameter budgets, same recipe and epochs,
+over seeds and shares of the training data; validation and test top-1 as mean ± sd."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from .runner import Cell, cell_metrics, mean_sd, run_cells, write_csv, write_section
 
-FAMILIES = ("sequencer2d", "vit", "mixer")
+FAMILIES = ("sequencer2d", "vit", "mixer", "resnet")  # resnet: the CNN baseline (timm's ResNet, narrowed)
 
 
 def models(budget: str, size: int) -> list[str]:

@@ -35,9 +35,12 @@ def half_mass_area(m: torch.Tensor) -> float:
 
 
 def intermediates(model) -> list[int]:
-    """Every stage of a Sequencer; the first, middle and last block of a ViT or Mixer."""
-    n = len(model.stages) if model.family == "sequencer" else len(model.blocks)
-    return list(range(n)) if model.family == "sequencer" else sorted({0, n // 2, n - 1})
+    """Every stage of a Sequencer or ResNet (and the ResNet's stem); the first, middle and last block of a
+    ViT or Mixer."""
+    if model.family in ("sequencer", "cnn"):
+        return list(range(len(model.feature_info)))
+    n = len(model.blocks)
+    return sorted({0, n // 2, n - 1})
 
 
 def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int = 28, images: int = 64,

@@ -1,2 +1,2 @@
 """Model families; importing this package registers every preset."""
-from . import mixer, sequencer, vit  # noqa: F401
+from . import cnn, mixer, sequencer, vit  # noqa: F401
