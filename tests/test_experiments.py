@@ -33,7 +33,7 @@ def rows(path):
         return list(csv.DictReader(f))
 
 
-def test_compare_quick_writes_results_plots_and_report(out):
+def test_compare_quick_writes_results_plots_and_report(data, out):
     got = rows(out / "compare" / "results.csv")
     assert [r["model"] for r in got] == ["sequencer2d_1m_28", "vit_1m_28", "mixer_1m_28", "resnet_1m_28"]
     for col in ("fraction", "seed", "params", "gmacs", "val_top1", "test_top1", "train_img_per_s", "train_minutes"):
@@ -41,7 +41,8 @@ def test_compare_quick_writes_results_plots_and_report(out):
     assert all(0 <= float(r["test_top1"]) <= 100 for r in got)
     assert (out / "compare" / "accuracy_vs_params.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
-    assert "## compare" in report and "seqvision experiment" in report and "| sequencer2d_1m_28 | 1 |" in report
+    assert "## compare" in report and "| sequencer2d_1m_28 | 1 |" in report
+    assert f"`seqvision experiment compare --data {data} --out {out} --quick`" in report
 
 
 def test_rerun_does_not_retrain_finished_cells(data, out, monkeypatch):

@@ -238,7 +238,7 @@ def cmd_quantize(args) -> None:
 def cmd_experiment(args) -> None:
     from .experiments import run
 
-    command = "seqvision experiment " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [args.name])
+    command = "seqvision " + " ".join(args.argv)
     run(args.name, args.out, args.data, args.data_root, args.seeds, args.epochs, args.quick, args.budget,
         args.fractions, command=command)
     print(f"report: {os.path.join(args.out, 'report.md')}")
@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import SeqvisionError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for reports
     try:
         args.func(args)
     except (SeqvisionError, FileNotFoundError, FileExistsError, KeyError) as e:

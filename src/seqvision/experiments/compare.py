@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runner import Cell, cell_metrics, mean_sd, run_cells, write_csv, write_section
+from .runner import Cell, cell_metrics, mean_sd, provenance, run_cells, write_csv, write_section
 
 FAMILIES = ("sequencer2d", "vit", "mixer", "resnet")  # resnet: the CNN baseline (timm's ResNet, narrowed)
 
@@ -35,7 +35,7 @@ def run(out: Path, base: dict, seeds: list[int], fractions: list[float], budget:
                      **cell_metrics(folder)})
     write_csv(rows, out / "compare" / "results.csv")
     plots = _plots(rows, out / "compare")
-    lines = ["", f"Command: `{command}`", "",
+    lines = ["", *provenance(command, folders), "",
              "| model | train share | params | GMACs | val top-1 (%) | test top-1 (%) | train img/s | minutes |",
              "|---|---|---|---|---|---|---|---|"]
     for f in fractions:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .compare import cells as compare_cells
-from .runner import run_cells, write_csv, write_section
+from .runner import provenance, run_cells, write_csv, write_section
 
 
 def erf_map(model: torch.nn.Module, images: torch.Tensor, index: int) -> torch.Tensor:
@@ -71,7 +71,7 @@ def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int =
                              "half_mass_area": round(half_mass_area(m), 4)})
     write_csv(rows, out / "erf" / "results.csv")
     plot = _grid(maps, out / "erf" / "erf_maps.png")
-    lines = ["", f"Command: `{command}`", "", __doc__.split("\n\n", 1)[1].strip(), "",
+    lines = ["", *provenance(command, folders), "", __doc__.split("\n\n", 1)[1].strip(), "",
              "| model | state | intermediate | share of area holding 50% of the mass |", "|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['state']} | {r['index']} | {r['half_mass_area']:.3f} |" for r in rows]
     lines += ["", f"![ERF maps](erf/{plot.name})"]

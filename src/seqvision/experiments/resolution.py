@@ -8,7 +8,7 @@ import torch
 
 from .compare import cells as compare_cells
 from .compare import models
-from .runner import mean_sd, run_cells, write_csv, write_section
+from .runner import mean_sd, provenance, run_cells, write_csv, write_section
 
 SIZES = (14, 21, 28, 35, 42, 56)
 
@@ -48,7 +48,7 @@ def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int =
             for cell, folder in zip(todo, folders) for s in sizes]
     write_csv(rows, out / "resolution" / "results.csv")
     plot = _plot(rows, out / "resolution" / "accuracy_vs_resolution.png")
-    lines = ["", f"Command: `{command}`", "", "Test top-1 (%) of models trained at "
+    lines = ["", *provenance(command, folders), "", "Test top-1 (%) of models trained at "
              f"{size} px, evaluated without fine-tuning; a side that is not a multiple of the model's patch stride "
              "is scored at the largest multiple below it (the `effective` column of results.csv).", "",
              "| model | " + " | ".join(f"{s} px" for s in sizes) + f" | drop at 2x ({size} -> {2 * size} px) |",

@@ -83,6 +83,22 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def provenance(command: str, folders: list[Path]) -> list[str]:
+    """The lines that say how a result was made: the command, the machine, and the cells' training time."""
+    import platform
+
+    import torch
+
+    from ..benchmark import machine
+
+    where = machine()
+    minutes = sum(cell_metrics(f)["train_minutes"] for f in folders)
+    return [f"Command: `{command}`", "",
+            f"Machine: {where['cpu']} ({where['cpu_isa']}), {torch.get_num_threads()} threads, "
+            f"{platform.system()}; training time of the {len(folders)} cell(s): {minutes:.1f} min "
+            f"(cells trained by an earlier command are reused, not retrained)."]
+
+
 def write_section(out: Path, name: str, lines: list[str]) -> Path:
     """Replace (or add) the `## name` section of OUT/report.md, leaving other experiments' sections."""
     path = out / "report.md"
