@@ -98,7 +98,7 @@ def _grid(maps: list, path: Path) -> Path:
         axes[r][c].imshow(lg.numpy(), cmap="viridis", vmin=lo, vmax=hi)
         axes[r][c].set_title(f"{model.split('_')[0]} {state}\n#{i}: 50% in {half_mass_area(m):.0%}", fontsize=7)
     fig.suptitle("Effective receptive fields (log10(x+1), one scale for all maps)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
