@@ -163,6 +163,17 @@ def test_fine_tuning_from_a_run_with_other_classes(trained_run, tmp_path):
     assert json.loads((run / "run.json").read_text())["train"]["pretrained"] == str(trained_run)
 
 
+@pytest.mark.parametrize("flag,value,match", [
+    ("keep_ckpts", -1, "--keep-ckpts must be at least 1"), ("keep_ckpts", 0, "--keep-ckpts"),
+    ("max_steps", -5, "--max-steps must be 0"), ("smoothing", 2.0, r"--smoothing must be in \[0, 1\)"),
+    ("cooldown_epochs", 10, r"--cooldown-epochs must be below --epochs \(10\)"),
+    ("train_fraction", 0.0, "--train-fraction")])
+def test_settings_that_cannot_run_are_refused_up_front(tree, tmp_path, flag, value, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(data=str(tree), output=str(tmp_path / "run"), **{**TINY, "epochs": 10, flag: value})
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_optional_package_names_its_extra(tree, tmp_path, capsys):
     try:
         import tensorboard  # noqa: F401

@@ -87,6 +87,13 @@ def test_truncated_safetensors(trained, tmp_path):
         load_model(path)
 
 
+def test_zero_byte_torch_file_names_itself(trained, tmp_path):
+    path = tmp_path / "empty.pth"
+    path.write_bytes(b"")
+    with pytest.raises(WeightsError, match=f"{path}: refused to load"):
+        load_weights(trained, path)
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker

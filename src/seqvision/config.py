@@ -81,6 +81,14 @@ class TrainConfig:
                              f"{self.batch_size}, {self.accum_steps}, {self.epochs}")
         if self.amp not in ("", "bf16", "fp16"):
             raise ConfigError(f"--amp must be bf16, fp16 or empty, got {self.amp!r}")
+        if self.keep_ckpts < 1:
+            raise ConfigError(f"--keep-ckpts must be at least 1 (the checkpoint just written), got {self.keep_ckpts}")
+        if self.max_steps < 0:
+            raise ConfigError(f"--max-steps must be 0 (all epochs) or positive, got {self.max_steps}")
+        if not 0 <= self.smoothing < 1:
+            raise ConfigError(f"--smoothing must be in [0, 1), got {self.smoothing}")
+        if not 0 <= self.cooldown_epochs < self.epochs:
+            raise ConfigError(f"--cooldown-epochs must be below --epochs ({self.epochs}), got {self.cooldown_epochs}")
         if not 0 < self.train_fraction <= 1:
             raise ConfigError(f"--train-fraction must be in (0, 1], got {self.train_fraction}")
         if self.select_on not in ("val", "test"):

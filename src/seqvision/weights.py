@@ -41,8 +41,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for code-running pickles, RuntimeError for truncated zips, ...
+        first = (str(e).splitlines() or ["no message: an empty or truncated file"])[0][:300]
         raise WeightsError(f"{path}: refused to load as a torch file with weights_only=True "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Only plain tensor "
+                           f"({type(e).__name__}: {first}). Only plain tensor "
                            f"state dicts are accepted; convert other files to .safetensors.") from None
     for key in WRAPPER_KEYS:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
