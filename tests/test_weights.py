@@ -87,6 +87,19 @@ def test_truncated_safetensors(trained, tmp_path):
         load_model(path)
 
 
+def test_integer_and_nan_tensors_are_refused_by_key(trained, tmp_path):
+    sd = {k: v.clone() for k, v in trained.state_dict().items()}
+    sd["stem.proj.weight"] = sd["stem.proj.weight"].to(torch.int8)
+    sd["head.fc.bias"][0] = float("nan")
+    path = tmp_path / "bad.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(WeightsError) as e:
+        load_weights(trained, path)
+    msg = str(e.value)
+    assert str(path) in msg and "stem.proj.weight: file torch.int8 vs model torch.float32" in msg
+    assert "NaN or infinite values (1): head.fc.bias" in msg
+
+
 def test_zero_byte_torch_file_names_itself(trained, tmp_path):
     path = tmp_path / "empty.pth"
     path.write_bytes(b"")

@@ -127,9 +127,16 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str =
     unexpected = sorted(set(sd) - set(own))
     shapes = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
+    # A float parameter from an integer tensor would be cast silently into nonsense, a NaN would load.
+    kinds = sorted(f"{k}: file {sd[k].dtype} vs model {own[k].dtype}" for k in set(sd) & set(own)
+                   if own[k].dtype.is_floating_point != sd[k].dtype.is_floating_point)
+    nonfinite = sorted(k for k in set(sd) & set(own) if sd[k].dtype.is_floating_point
+                       and not torch.isfinite(sd[k]).all())
+    if missing or unexpected or shapes or kinds or nonfinite:
         lines = [f"{source} does not fit {type(model).__name__}:"]
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes)):
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes),
+                             ("integer where float is expected, or the reverse", kinds),
+                             ("NaN or infinite values", nonfinite)):
             if items:
                 lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
         if any(k.startswith(("head", "fc.")) for k in shapes):
