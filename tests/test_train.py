@@ -174,6 +174,18 @@ def test_settings_that_cannot_run_are_refused_up_front(tree, tmp_path, flag, val
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_recipe_and_run_record_name_their_file(tree, trained_run, tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("lr: [1, 2\n")
+    assert cli.main(["train", "--data", str(tree), "--config", str(recipe)]) == 1
+    assert f"{recipe}: not valid YAML" in capsys.readouterr().err
+    run = tmp_path / "garbage"
+    run.mkdir()
+    (run / "run.json").write_text("{not json")
+    assert cli.main(["train", "--data", str(tree), "--output", str(run), "--resume"]) == 1
+    assert f"{run / 'run.json'}: not a seqvision run record" in capsys.readouterr().err
+
+
 def test_missing_optional_package_names_its_extra(tree, tmp_path, capsys):
     try:
         import tensorboard  # noqa: F401
