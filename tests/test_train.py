@@ -132,9 +132,11 @@ def test_resume_refuses_changed_settings_and_continues_with_its_own(tree, traine
     assert all(torch.equal(before[k], v) for k, v in weights(trained_run).items())
 
 
-def test_non_finite_gradient_stops_before_the_step_and_keeps_latest(tree, tmp_path, monkeypatch):
+@pytest.mark.parametrize("clip", [0.0, 1.0])  # with clipping, the check reads the norm clipping computed
+def test_non_finite_gradient_stops_before_the_step_and_keeps_latest(tree, tmp_path, monkeypatch, clip):
     run = tmp_path / "run"
-    train(TrainConfig(data=str(tree), output=str(run), epochs=3, max_steps=1, val_fraction=0.25, **TINY))
+    train(TrainConfig(data=str(tree), output=str(run), epochs=3, max_steps=1, val_fraction=0.25, clip_grad=clip,
+                      **TINY))
     before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     import seqvision.engine as engine
     real = engine.train_micro_step
@@ -146,7 +148,8 @@ def test_non_finite_gradient_stops_before_the_step_and_keeps_latest(tree, tmp_pa
 
     monkeypatch.setattr("seqvision.train.train_micro_step", poisoned)
     with pytest.raises(NonFiniteLoss, match=r"gradient of stages\.1\.blocks\.0\.mlp_channels\.fc1\.weight .* step 2"):
-        train(TrainConfig(data=str(tree), output=str(run), epochs=3, val_fraction=0.25, resume=True, **TINY))
+        train(TrainConfig(data=str(tree), output=str(run), epochs=3, val_fraction=0.25, resume=True, clip_grad=clip,
+                          **TINY))
     assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 

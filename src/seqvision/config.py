@@ -143,18 +143,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     With --resume and an existing run folder, the run's own settings (run.json) replace the first two, so
     `--resume` alone continues the run as it was started; a flag that changes what the run computes is
-    refused by `resume_differences`.
+    then refused by the training run itself (`resume_differences`).
     """
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     recipe = load_recipe(given["config"]) if given.get("config") else {}
     cfg = TrainConfig(**{**recipe, **given})
     saved = saved_config(run_folder(cfg)) if cfg.resume else None
-    if saved is None:
-        return cfg
-    changed = resume_differences(TrainConfig(**{**saved, **given}), saved)
-    if changed:
-        raise ConfigError(f"{run_folder(cfg)}: --resume cannot change {changed}; start a new --output instead")
-    return TrainConfig(**{**saved, **given})
+    return cfg if saved is None else TrainConfig(**{**saved, **given})
 
 
 def run_folder(cfg: TrainConfig) -> Path:
@@ -182,9 +177,5 @@ def resume_differences(cfg: TrainConfig, saved: dict) -> str:
     as "--flag OLD -> NEW" items ('' when there are none)."""
     now = dataclasses.asdict(cfg)
     diffs = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in saved
-             if k not in RESUMABLE and _norm(saved[k]) != _norm(now[k])]
+             if k not in RESUMABLE and saved[k] != now[k]]
     return ", ".join(diffs)
-
-
-def _norm(v):
-    return tuple(v) if isinstance(v, (list, tuple)) else v

@@ -53,23 +53,20 @@ def train_micro_step(model, images, targets, criterion, mixup, device, amp: str,
     return loss_value
 
 
-def check_gradients(model, step: int) -> None:
-    """Stop before the optimizer step if any gradient is NaN or infinite, naming the first such parameter.
-    (With fp16 the grad scaler skips such steps itself; without it, AdamW would write NaN weights.)"""
+def optimizer_step(model, optimizer, clip_grad: float, scaler=None, step: int = 0) -> None:
+    """Clip, then step. A NaN or infinite gradient stops the run before the step, naming the first such
+    parameter (with fp16 the grad scaler skips such steps itself; without it, AdamW would write NaN
+    weights). The total norm is computed once, for the check and for clipping."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()):
+    norm = torch.nn.utils.get_total_norm(grads) if grads and (clip_grad > 0 or scaler is None) else None
+    if scaler is None and norm is not None and not torch.isfinite(norm):
         name = next(n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all())
         raise NonFiniteLoss(f"the gradient of {name} is not finite at step {step}; stopped before the optimizer "
                             f"step, the last checkpoint is kept")
-
-
-def optimizer_step(model, optimizer, clip_grad: float, scaler=None, step: int = 0) -> None:
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    else:
-        check_gradients(model, step)
-    if clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if clip_grad > 0 and norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip_grad, norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

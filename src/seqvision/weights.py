@@ -116,8 +116,8 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str =
         key = f"{model.first_conv}.weight"
         if key in sd and key in own and sd[key].shape[1] != own[key].shape[1]:
             sd[key] = adapt_input_conv(sd[key], own[key].shape[1])
+    head = (classifier_key(model) or "head.weight").rsplit(".", 1)[0] + "."  # head.fc. / head. / fc.
     if drop_head:  # keep the model's fresh classifier where the file's differs or is absent
-        head = (classifier_key(model) or "head.weight").rsplit(".", 1)[0] + "."  # head.fc. / head. / fc.
         for k in [k for k in sd if k.startswith(head) and k not in own]:
             sd.pop(k)
         for k in [k for k in own if k.startswith(head)]:
@@ -139,7 +139,7 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str =
                              ("NaN or infinite values", nonfinite)):
             if items:
                 lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
-        if any(k.startswith(("head", "fc.")) for k in shapes):
+        if any(k.startswith(head) for k in shapes):
             lines.append("  (a different number of classes? pass drop_head=True, or num_classes= to create_model)")
         raise WeightsError("\n".join(lines))
     model.load_state_dict(sd, strict=True)

@@ -41,9 +41,9 @@ def run(out: Path, base: dict, seeds: list[int], fractions: list[float], budget:
     for f in fractions:
         for m in models(budget, size):
             rs = [r for r in rows if r["model"] == m and r["fraction"] == f]
-            lines.append(f"| {m} | {f:g} | {rs[0]['params']:,} | {rs[0]['gmacs']} | {mean_sd([r['val_top1'] for r in rs])} "
-                         f"| {mean_sd([r['test_top1'] for r in rs])} | {mean_sd([r['train_img_per_s'] for r in rs])} "
-                         f"| {mean_sd([r['train_minutes'] for r in rs])} |")
+            stats = " | ".join(mean_sd([r[k] for r in rs]) for k in ("val_top1", "test_top1", "train_img_per_s",
+                                                                      "train_minutes"))
+            lines.append(f"| {m} | {f:g} | {rs[0]['params']:,} | {rs[0]['gmacs']} | {stats} |")
     lines += ["", f"{len(seeds)} seed(s) per cell; mean ± sd over seeds. Weights chosen on the validation split, "
                   "test scored once per run.", ""] + [f"![{p.stem}](compare/{p.name})" for p in plots]
     write_section(out, "compare", lines)

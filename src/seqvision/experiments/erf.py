@@ -52,16 +52,16 @@ def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int =
 
     todo = compare_cells(budget, size, seeds[:1], [1.0])
     folders = run_cells(todo, out, base)
+    spec = build_datasets(base["data"], base.get("val_fraction", 0.1), seeds[0],
+                          data_root=base.get("data_root") or None)
+    images_of = spec.test if spec.test is not None else spec.val  # one seed, so one split for every cell
     rows, maps = [], []
     for cell, folder in zip(todo, folders):
         trained, _, data, meta = load_for_inference(folder)
         torch.manual_seed(cell.settings["seed"])
         fresh = build_model(cell.settings["model"], num_classes=trained.num_classes)
-        spec = build_datasets(base["data"], base.get("val_fraction", 0.1), cell.settings["seed"],
-                              data_root=base.get("data_root") or None)
-        ds = Seeded(spec.test if spec.test is not None else spec.val,
-                    build_transform(False, data["img_size"], trained.cfg.in_chans, tuple(data["mean"]),
-                                    tuple(data["std"])), 0)
+        ds = Seeded(images_of, build_transform(False, data["img_size"], trained.cfg.in_chans, tuple(data["mean"]),
+                                               tuple(data["std"])), 0)
         x = torch.stack([ds[i][0] for i in range(min(images, len(ds)))])
         for state, model in (("untrained", fresh), ("trained", trained)):
             for i in intermediates(model):

@@ -18,25 +18,31 @@ def effective_size(size: int, stride: int) -> int:
     return max(stride, size - size % stride)
 
 
-def score_at(folder: Path, size: int, limit: int = 0) -> dict:
-    """Top-1 of a run's chosen weights on its test split (else its validation split) resized to `size`."""
+def score_at(folder: Path, sizes, limit: int = 0) -> list[dict]:
+    """Top-1 of a run's chosen weights on its test split (else its validation split) resized to each size;
+    the model and the split are loaded once for all sizes."""
     from ..checkpoint import load_for_inference
     from ..data import Seeded, build_datasets, build_transform
     from ..engine import evaluate
 
     model, classes, data, meta = load_for_inference(folder)
     split = json.loads(meta["split"])
-    eff = effective_size(size, model.stride)
-    if getattr(model, "fixed_input_size", False) and eff != model.cfg.img_size[0]:
-        return {"effective": eff, "top1": "", "note": "fixed token count: runs at its training size only"}
     spec = build_datasets(split["data"], split["val_fraction"], split["seed"])
     ds = spec.test if spec.test is not None else spec.val
     if limit:
         ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
-    tf = build_transform(False, eff, model.cfg.in_chans, tuple(data["mean"]), tuple(data["std"]))
-    loader = torch.utils.data.DataLoader(Seeded(ds, tf, 0), batch_size=256)
-    return {"effective": eff, "top1": round(evaluate(model, loader, torch.device("cpu"), len(classes))["top1"], 2),
-            "note": ""}
+    rows = []
+    for size in sizes:
+        eff = effective_size(size, model.stride)
+        if getattr(model, "fixed_input_size", False) and eff != model.cfg.img_size[0]:
+            rows.append({"test_size": size, "effective": eff, "top1": "",
+                         "note": "fixed token count: runs at its training size only"})
+            continue
+        tf = build_transform(False, eff, model.cfg.in_chans, tuple(data["mean"]), tuple(data["std"]))
+        loader = torch.utils.data.DataLoader(Seeded(ds, tf, 0), batch_size=256)
+        top1 = evaluate(model, loader, torch.device("cpu"), len(classes))["top1"]
+        rows.append({"test_size": size, "effective": eff, "top1": round(top1, 2), "note": ""})
+    return rows
 
 
 def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int = 28, sizes=SIZES, limit: int = 0,
@@ -44,8 +50,7 @@ def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int =
     """Train (or reuse `compare`'s full-data runs), score each at every size, write the table, plot and report."""
     todo = compare_cells(budget, size, seeds, [1.0])  # the same cells as compare's: trained once for both
     folders = run_cells(todo, out, base)
-    rows = [{**cell.settings, "test_size": s, **score_at(folder, s, limit)}
-            for cell, folder in zip(todo, folders) for s in sizes]
+    rows = [{**cell.settings, **r} for cell, folder in zip(todo, folders) for r in score_at(folder, sizes, limit)]
     write_csv(rows, out / "resolution" / "results.csv")
     plot = _plot(rows, out / "resolution" / "accuracy_vs_resolution.png")
     lines = ["", *provenance(command, folders), "", "Test top-1 (%) of models trained at "

@@ -193,7 +193,7 @@ class RNN2d(nn.Module):
             return self.unite(native.lstm2d(xg, bias.view(K, G), w_hh, recurrence.groups(dirs, H, W)))
         xg = F.linear(x, w_ih).view(B, H, W, K, G)  # (B, H, W, C) -> (B, H, W, K, G): one GEMM
         out = native.lstm2d(xg.float().contiguous(), bias.view(K, G).float(), w_hh.float(),
-                                recurrence.groups(dirs, H, W))
+                            recurrence.groups(dirs, H, W))
         return self.unite(out.to(x.dtype))  # (B, H, W, K*D) -> (B, H, W, union width)
 
     def mix_fused(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +218,7 @@ class RNN2d(nn.Module):
                 return y.reshape(H, B, W, -1).permute(1, 0, 2, 3)
             return y.reshape(W, B, H, -1).permute(1, 2, 0, 3)
 
-        outs: list[torch.Tensor] = [xg] * len(dirs)
+        outs: list[torch.Tensor | None] = [None] * len(dirs)  # every direction is in one group
         for ks, _, _ in recurrence.groups(dirs, H, W):
             b_hh = torch.stack([torch.zeros_like(dirs[k][2][3]) if fold else dirs[k][2][3] for k in ks]).unsqueeze(1)
             xs = torch.stack([seqs(dirs[k][0], dirs[k][1], k) for k in ks])

@@ -100,9 +100,10 @@ _EXT: dict[str, object] = {}  # ISA -> loaded module, or None where the build fa
 
 def extension(isa: str | None = None):
     """The compiled recurrence for `isa` (default: build_isa()), built on first use; None without a compiler."""
+    isa = isa or build_isa()
+    if isa in _EXT:  # every kernel call comes here: no hashing of the source once it is loaded
+        return _EXT[isa]
     spec = build_spec(isa)
-    if spec.isa in _EXT:
-        return _EXT[spec.isa]
     try:
         from torch.utils.cpp_extension import load
 
@@ -163,7 +164,8 @@ class LSTMRecurrence(torch.autograd.Function):
 
 
 def lstm2d(xg: torch.Tensor, bias: torch.Tensor, w_hh: torch.Tensor, groups: list) -> torch.Tensor:
-    """All directions of a BiLSTM2D through LSTMRecurrence, with autograd where it is needed; outside autograd no states are kept."""
+    """All directions of a BiLSTM2D through LSTMRecurrence, with autograd where it is needed; outside
+    autograd no states are kept."""
     if torch.is_grad_enabled() and (xg.requires_grad or w_hh.requires_grad or bias.requires_grad):
         return LSTMRecurrence.apply(xg, bias, w_hh, groups)
     B, H, W, K, _ = xg.shape
