@@ -168,7 +168,7 @@ def test_fine_tuning_from_a_run_with_other_classes(trained_run, tmp_path):
 
 @pytest.mark.parametrize("flag,value,match", [
     ("keep_ckpts", -1, "--keep-ckpts must be at least 1"), ("keep_ckpts", 0, "--keep-ckpts"),
-    ("max_steps", -5, "--max-steps must be 0"), ("smoothing", 2.0, r"--smoothing must be in \[0, 1\)"),
+    ("max_steps", -5, "--max-steps must be at least 0, got -5"), ("smoothing", 2.0, r"--smoothing must be in \[0, 1\)"),
     ("cooldown_epochs", 10, r"--cooldown-epochs must be below --epochs \(10\)"),
     ("train_fraction", 0.0, "--train-fraction")])
 def test_settings_that_cannot_run_are_refused_up_front(tree, tmp_path, flag, value, match):
@@ -334,16 +334,17 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tree, tmp_path, augment)
 KILL_IN_WRITE = """
 import os, signal, sys
 import seqvision.weights as w
-real = w.save_file
+real = w.save_bytes
 count = [0]
-def dying(tensors, path, metadata=None):
-    count[0] += 1
-    real(tensors, path, metadata=metadata)
-    if count[0] == 2:  # the second checkpoint: half its temporary file is on disk when the process dies
-        size = os.path.getsize(path)
-        os.truncate(path, size // 2)
-        os.kill(os.getpid(), signal.SIGKILL)
-w.save_file = dying
+def dying(data):
+    def write(path):
+        count[0] += 1
+        real(data)(path)
+        if count[0] == 3:  # the second checkpoint (weights, state, weights): half its file is on disk at death
+            os.truncate(path, os.path.getsize(path) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return write
+w.save_bytes = dying
 from seqvision.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -361,6 +362,7 @@ def test_kill_during_checkpoint_write_keeps_latest_loadable(tree, tmp_path):
     torch.load(f"{stem}.state.pt", weights_only=True)
     subprocess.run(_train_cmd(tree, run, "--resume"), check=True, capture_output=True)
     assert latest_checkpoint(run).name == "step-00000009"
+    assert not list(run.rglob("*.tmp"))  # the killed writer's orphan was cleared on the next start
 
 
 def test_ddp_two_processes_match_one(tree, tmp_path):

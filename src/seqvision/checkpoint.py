@@ -7,13 +7,23 @@ which holds only tensors and plain Python values and is read with `weights_only=
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import socket
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .weights import WeightsError, atomic_write, load_model, read_metadata, save_model
+from .errors import SeqvisionError
+from .weights import WeightsError, atomic_write, load_model, read_metadata, save_bytes, save_model, torch_bytes
 
 LATEST = "latest"
+
+
+class RunFolderError(SeqvisionError):
+    """A run folder that cannot be written or resumed; the message names it."""
 
 
 def ckpt_stem(run: Path, step: int) -> Path:
@@ -26,7 +36,7 @@ def save_checkpoint(run: Path, step: int, model, ema, state: dict, extra_meta: d
     save_model(model, f"{stem}.safetensors", extra_meta)
     if ema is not None:
         save_model(ema, f"{stem}.ema.safetensors", extra_meta)
-    atomic_write(f"{stem}.state.pt", lambda tmp: torch.save(state, tmp))
+    atomic_write(f"{stem}.state.pt", save_bytes(torch_bytes(state)))
     atomic_write(run / LATEST, lambda tmp: Path(tmp).write_text(stem.name + "\n"))
     old = sorted((run / "checkpoints").glob("step-*.state.pt"))[:-keep]
     for state_file in old:
@@ -36,18 +46,82 @@ def save_checkpoint(run: Path, step: int, model, ema, state: dict, extra_meta: d
     return stem
 
 
-def latest_checkpoint(run: Path) -> Path | None:
+def checkpoints(run: Path) -> list[Path]:
+    """Checkpoint stems of a run folder, newest first: the one `latest` names, then the others by step."""
+    stems = sorted((p.with_name(p.name.removesuffix(".state.pt"))
+                    for p in (run / "checkpoints").glob("step-*.state.pt")), reverse=True)
     pointer = run / LATEST
-    if not pointer.exists():
-        return None
-    stem = run / "checkpoints" / pointer.read_text().strip()
-    if not Path(f"{stem}.state.pt").exists():
-        raise FileNotFoundError(f"{pointer} names {stem.name}, whose files are missing")
-    return stem
+    named = run / "checkpoints" / pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+    return sorted(stems, key=lambda s: s != named)  # stable: `latest` first, then by step
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    found = checkpoints(run)
+    return found[0] if found else None
 
 
 def load_state(stem: Path) -> dict:
     return torch.load(f"{stem}.state.pt", map_location="cpu", weights_only=True)
+
+
+def read_checkpoint(run: Path, ema: bool) -> tuple[Path, dict, dict | None, dict]:
+    """(stem, weights, EMA weights, state) of the newest checkpoint that reads back whole; an unreadable one
+    (truncated, zero bytes, deleted) is passed over for the next older one, saying so."""
+    from .weights import read_state_dict
+
+    problems = []
+    for stem in checkpoints(run):
+        try:
+            sd = read_state_dict(f"{stem}.safetensors")
+            ema_sd = read_state_dict(f"{stem}.ema.safetensors") if ema else None
+            state = load_state(stem)
+        except (WeightsError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # damage
+            problems.append(f"{stem.name} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
+            print(f"warning: {run}: checkpoint {problems[-1]} cannot be read; trying an older one", file=sys.stderr)
+            continue
+        if problems:
+            print(f"warning: {run}: resuming from {stem.name}, the newest intact checkpoint", file=sys.stderr)
+        return stem, sd, ema_sd, state
+    raise RunFolderError(f"{run}: no readable checkpoint to resume from ({'; '.join(problems) or 'none written'})")
+
+
+@contextmanager
+def locked(run: Path):
+    """Hold `run/.lock` while training into `run`, and clear the temporary files a killed writer left there.
+    A second trainer on the same folder is refused, naming the process and host that hold it; a start
+    refused before it wrote anything leaves no folder behind."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    created = not run.exists()
+    run.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(run / ".lock", "a+") as f:  # closing it releases the lock, as does the process's death
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise RunFolderError(f"{run} is in use by {f.read().strip() or 'another process'} "
+                                     f"({run / '.lock'}); wait for it to finish or choose another --output") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            remove_orphans(run)
+            yield
+    finally:
+        if created and [p.name for p in run.iterdir()] == [".lock"]:
+            (run / ".lock").unlink()
+            run.rmdir()
+
+
+def remove_orphans(run: Path) -> None:
+    """Temporary files a killed writer left behind (atomic_write's `.NAME.*.tmp`)."""
+    for folder in (run, run / "checkpoints"):
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def resolve_weights(path: str | Path) -> Path:

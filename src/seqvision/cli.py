@@ -126,15 +126,14 @@ def cmd_predict(args) -> None:
     import torch
 
     from .checkpoint import eval_transform, load_for_inference
-    from .data import ImageFiles
+    from .data import open_image
 
     model, classes, data, _ = load_for_inference(args.checkpoint)
     tf, _ = eval_transform(model, data)
-    reader = ImageFiles([], classes)
     results = []
     with torch.no_grad():
         for path in args.files:
-            probs = model(tf(reader.load(path))[None]).softmax(-1)[0]
+            probs = model(tf(open_image(path))[None]).softmax(-1)[0]
             top = probs.topk(min(args.topk, len(classes)))
             results.append({"file": path, "top": [{"label": classes[i], "prob": round(p, 6)}
                                                   for p, i in zip(top.values.tolist(), top.indices.tolist())]})
@@ -251,8 +250,22 @@ def add_eval_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["val", "test"], default="val",
                    help="val: the run's held-out part of the training data; test: the test split")
     p.add_argument("--val-fraction", type=float, default=None, help="held-out share (default: the run's)")
-    p.add_argument("--seed", type=int, default=None, help="seed of that split (default: the run's)")
+    p.add_argument("--seed", type=at_least(0), default=None, help="seed of that split (default: the run's)")
     p.add_argument("--data-root", default=None, help="where a named dataset's files are")
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= `low`, refused by argparse with the flag and value otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,10 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "run's held-out validation split (default) or the test split (--split test), "
                                    "at any resolution and crop. Dataset and split come from the run.")
     add_eval_data_args(p)
-    p.add_argument("--img-size", type=int, default=0, help="evaluation size (default: the training size)")
+    p.add_argument("--img-size", type=at_least(0), default=0, help="evaluation size (default: the training size)")
     p.add_argument("--crop-pct", type=float, default=0.0, help="centre-crop fraction for large images")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=at_least(1), default=256)
+    p.add_argument("--workers", type=at_least(0), default=2)
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images instead of stopping")
     p.add_argument("--output", default="", help="folder for validation.json, per_class.csv, confusion.png")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -311,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Classify image files with a run folder's best weights or a weights file.")
     p.add_argument("files", nargs="+", help="image files")
     p.add_argument("--checkpoint", required=True, help="run folder or .safetensors file")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=at_least(1), default=5)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_predict)
 
@@ -321,12 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "after warm-up. Reports median img/s, the median of per-round ratios, GFLOP/s "
                                    "achieved as a share of this machine's measured fp32 matmul rate, and memory.")
     p.add_argument("--model", default="sequencer2d_s")
-    p.add_argument("--batch-size", type=int, nargs="+", default=[16])
-    p.add_argument("--img-size", type=int, default=0, help="input side (default: the model's)")
+    p.add_argument("--batch-size", type=at_least(1), nargs="+", default=[16])
+    p.add_argument("--img-size", type=at_least(0), default=0, help="input side (default: the model's)")
     p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--rounds", type=at_least(1), default=7)
+    p.add_argument("--warmup", type=at_least(0), default=2)
+    p.add_argument("--threads", type=at_least(0), default=0, help="torch threads (default: torch's)")
     p.add_argument("--backends", nargs="+", default=["auto", "reference"], help="Sequencer backends to time")
     p.add_argument("--int8", action="store_true", help="also time the dynamic-int8 model (inference)")
     p.add_argument("--no-timm", action="store_true", help="skip timm's implementation")
@@ -342,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="registered model (random init)")
     src.add_argument("--checkpoint", help="run folder or seqvision .safetensors")
     p.add_argument("--format", choices=["onnx", "torch.export"], default="onnx")
-    p.add_argument("--img-size", type=int, default=0)
+    p.add_argument("--img-size", type=at_least(0), default=0)
     p.set_defaults(func=cmd_export)
 
     from .experiments import EXPERIMENTS
@@ -359,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="fashion-mnist", help="dataset name or class-folder tree, as for train")
     p.add_argument("--data-root", default="", help="where a named dataset's files are")
     p.add_argument("--out", default="runs/experiments", help="output folder (shared by the experiments)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=0, help="epochs per cell (default: the small recipe's)")
+    p.add_argument("--seeds", type=at_least(0), nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=at_least(0), default=0, help="epochs per cell (default: the small recipe's)")
     p.add_argument("--budget", choices=["1m", "5m"], default="1m", help="parameter budget of the models")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2, 1.0],
                    help="compare: shares of the training split")
@@ -373,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "per batch; the recurrence stays float32) and report top-1 agreement with "
                                    "fp32 and both accuracies on the validation split of --data.")
     add_eval_data_args(p)
-    p.add_argument("--limit", type=int, default=0, help="use the first N validation images (0: all)")
+    p.add_argument("--limit", type=at_least(0), default=0, help="use the first N validation images (0: all)")
     p.add_argument("--dst", default="", help="save the int8 model here (.safetensors; seqvision.load_model "
                                              "rebuilds it)")
     p.add_argument("--json", action="store_true")
@@ -383,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; expected failures print one line and return 1 (`--debug` raises them instead)."""
-    from .errors import SeqvisionError
+    from .errors import SeqvisionError, message
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for reports
@@ -392,8 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SeqvisionError, FileNotFoundError, FileExistsError, KeyError) as e:
         if args.debug:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"seqvision {args.command}: error: {msg}", file=sys.stderr)
+        print(f"seqvision {args.command}: error: {message(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .fields import checked_values
 
 RECIPES = Path(__file__).parent / "recipes"
 NEEDS_WEIGHTS = ("finetune392", "transfer")  # recipes that start from trained weights
@@ -76,28 +77,86 @@ class TrainConfig:
     threads: int = opt(0, "CPU threads per process (0: torch's default)")
 
     def __post_init__(self):
-        if self.batch_size <= 0 or self.accum_steps <= 0 or self.epochs <= 0:
-            raise ConfigError(f"batch_size, accum_steps and epochs must be positive, got "
-                             f"{self.batch_size}, {self.accum_steps}, {self.epochs}")
+        values = checked_values(type(self), dataclasses.asdict(self), lambda k: f"--{flag(k)}")
+        for k, v in values.items():
+            setattr(self, k, v)
+        for name, (lo, hi, lo_open, hi_open) in RANGES.items():
+            v = getattr(self, name)
+            if (v < lo or (lo_open and v == lo)) if lo is not None else False:
+                raise ConfigError(f"--{flag(name)} must be {describe(lo, hi, lo_open, hi_open)}, got {v}")
+            if (v > hi or (hi_open and v == hi)) if hi is not None else False:
+                raise ConfigError(f"--{flag(name)} must be {describe(lo, hi, lo_open, hi_open)}, got {v}")
+        if self.cooldown_epochs >= self.epochs:
+            raise ConfigError(f"--cooldown-epochs must be below --epochs ({self.epochs}), got {self.cooldown_epochs}")
+        if self.warmup_epochs > self.epochs - self.cooldown_epochs:
+            raise ConfigError(f"--warmup-epochs must be at most the epochs before cool-down "
+                              f"({self.epochs - self.cooldown_epochs}), got {self.warmup_epochs}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr must be at most --lr ({self.lr}), got {self.min_lr}")
+        if len(self.mean) != len(self.std) or not 1 <= len(self.mean) <= 4:
+            raise ConfigError(f"--mean and --std need one value per channel (1 to 4, as many of each), got "
+                              f"{len(self.mean)} and {len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"--std values must be positive, got {self.std}")
         if self.amp not in ("", "bf16", "fp16"):
             raise ConfigError(f"--amp must be bf16, fp16 or empty, got {self.amp!r}")
-        if self.keep_ckpts < 1:
-            raise ConfigError(f"--keep-ckpts must be at least 1 (the checkpoint just written), got {self.keep_ckpts}")
-        if self.max_steps < 0:
-            raise ConfigError(f"--max-steps must be 0 (all epochs) or positive, got {self.max_steps}")
-        if not 0 <= self.smoothing < 1:
-            raise ConfigError(f"--smoothing must be in [0, 1), got {self.smoothing}")
-        if not 0 <= self.cooldown_epochs < self.epochs:
-            raise ConfigError(f"--cooldown-epochs must be below --epochs ({self.epochs}), got {self.cooldown_epochs}")
-        if not 0 < self.train_fraction <= 1:
-            raise ConfigError(f"--train-fraction must be in (0, 1], got {self.train_fraction}")
         if self.select_on not in ("val", "test"):
             raise ConfigError(f"--select-on must be val or test, got {self.select_on!r}")
+        if self.randaugment:
+            check_randaugment(self.randaugment)
         if Path(self.config).stem in NEEDS_WEIGHTS and not self.pretrained:
             raise ConfigError(f"the {Path(self.config).stem} recipe fine-tunes: pass --pretrained RUN_DIR_OR_FILE")
         if self.freeze_backbone and not self.pretrained:
             raise ConfigError("--freeze-backbone trains the classifier alone: pass --pretrained weights too")
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        check_model_size(self.model, self.img_size)
+
+
+# (low, high, low excluded, high excluded); None: unbounded. Relations between options are checked apart.
+RANGES = {
+    "epochs": (1, None, False, False), "batch_size": (1, None, False, False), "accum_steps": (1, None, False, False),
+    "lr": (0, None, True, False), "weight_decay": (0, None, False, False), "warmup_epochs": (0, None, False, False),
+    "warmup_lr": (0, None, False, False), "min_lr": (0, None, False, False), "cooldown_epochs": (0, None, False, False),
+    "img_size": (0, 4096, False, False), "val_fraction": (0, 1, True, True), "train_fraction": (0, 1, True, False),
+    "crop_pct": (0, 1, True, False), "crop_pad": (-1, None, False, False), "hflip": (0, 1, False, False),
+    "mixup": (0, None, False, False), "cutmix": (0, None, False, False), "mixup_switch_prob": (0, 1, False, False),
+    "smoothing": (0, 1, False, True), "re_prob": (0, 1, False, False), "drop_path": (0, 1, False, True),
+    "clip_grad": (0, None, False, False), "ema_decay": (0, 1, False, True), "workers": (0, 256, False, False),
+    "seed": (0, 2**31 - 1, False, False), "ckpt_every": (0, None, False, False), "keep_ckpts": (1, None, False, False),
+    "max_steps": (0, None, False, False), "threads": (0, 1024, False, False),
+}
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def describe(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    if hi is None:
+        return f"{'above' if lo_open else 'at least'} {lo}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def check_randaugment(policy: str) -> None:
+    from timm.data.auto_augment import rand_augment_transform
+
+    try:
+        rand_augment_transform(policy, {})
+    except Exception as e:  # timm raises AssertionError or ValueError on a malformed policy string
+        raise ConfigError(f"--randaugment {policy!r} is not a RandAugment policy such as rand-m9-mstd0.5-inc1 "
+                          f"({type(e).__name__}: {e})") from None
+
+
+def check_model_size(model: str, img_size: int) -> None:
+    """The model exists and takes `img_size` (a multiple of its stride; the one size of a fixed-grid model)."""
+    from .registry import get_entry
+
+    cfg = get_entry(model).config
+    stride, fixed = getattr(cfg, "stride", 1), getattr(cfg, "fixed_size", False)
+    if img_size and (img_size % stride or img_size < stride):
+        raise ConfigError(f"--img-size must be a positive multiple of {model}'s stride {stride}, got {img_size}")
+    if img_size and fixed and img_size != cfg.img_size[0]:
+        raise ConfigError(f"--img-size: {model} takes only {cfg.img_size[0]} px (its token-mixing MLPs fix the "
+                          f"grid), got {img_size}")
 
 
 def load_recipe(name_or_path: str) -> dict:

@@ -141,23 +141,64 @@ class ImageFiles(Dataset):
         return len(self.samples)
 
     def load(self, path: str) -> Image.Image:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            size = os.path.getsize(path) if os.path.exists(path) else -1
-            raise DataError(f"{path}: unreadable image ({'zero bytes' if size == 0 else type(e).__name__}: {e})"
-                            f"; pass --skip-corrupt to skip such files") from None
+        return open_image(path, hint="; pass --skip-corrupt to skip such files")
 
     def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        try:
-            return self.load(path), label
-        except DataError:
-            if not self.skip_corrupt:
-                raise
-            return self[(i + 1) % len(self)]  # deterministic stand-in: the next sample
+        for j in range(len(self) if self.skip_corrupt else 1):
+            path, label = self.samples[(i + j) % len(self)]  # deterministic stand-in: the next readable one
+            try:
+                return self.load(path), label
+            except DataError:
+                if not self.skip_corrupt:
+                    raise
+        raise DataError(f"{Path(self.samples[i][0]).parent.parent}: none of its {len(self)} images is readable")
+
+
+def open_image(src: str | os.PathLike | bytes, hint: str = "") -> Image.Image:
+    """A file or bytes as a PIL image in mode L or RGB, refused with a DataError naming it when unreadable.
+
+    Decompression bombs (more pixels than PIL's MAX_IMAGE_PIXELS) are refused from the header, before the
+    pixels are decoded. 16-bit images are scaled to 8 bits (65535 -> 255); float images are read as [0, 1]
+    where all values lie in it, else as [0, 255]; palette, CMYK, alpha and 1-bit images become RGB (alpha
+    dropped); an animation gives its first frame.
+    """
+    import io
+    import warnings
+
+    name = "image bytes" if isinstance(src, bytes) else str(src)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+                w, h = im.size
+                if w * h > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                    raise Image.DecompressionBombError(f"{w}x{h} pixels")
+                im.load()
+                return _to_8bit(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{name}: refused, a possible decompression bomb ({e}; the limit is "
+                        f"{Image.MAX_IMAGE_PIXELS:,} pixels){hint}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        empty = src == b"" if isinstance(src, bytes) else os.path.isfile(src) and os.path.getsize(src) == 0
+        raise DataError(f"{name}: unreadable image ({'zero bytes' if empty else type(e).__name__}: {e}){hint}") \
+            from None
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    if im.mode in ("L", "RGB"):
+        return im.copy()
+    if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit integer or float grey
+        a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError("NaN or infinite pixel values")
+        if im.mode == "F":
+            scale = 255.0 if a.min() >= 0 and a.max() <= 1 else 1.0
+        else:  # PIL reads 16-bit PNGs as I;16 or I; a 32-bit I is scaled like 16-bit where it exceeds 255
+            scale = 1 / 257 if im.mode.startswith("I;16") or a.max() > 255 else 1.0
+        return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), mode="L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+    return im.convert("RGB")
 
 
 def split_samples(samples: list, fraction: float, seed: int) -> tuple[list, list]:

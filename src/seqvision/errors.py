@@ -24,3 +24,15 @@ def require(module: str, extra: str):
     except ImportError as e:
         raise MissingDependency(f"{module} is not installed ({e}); install it with: "
                                 f"pip install 'seqvision[{extra}]'") from None
+
+
+def message(e: BaseException) -> str:
+    """What to print for an expected error: its message, without the traceback a DataLoader worker wraps
+    around it ("Caught DataError in DataLoader worker process 0. Original Traceback ...")."""
+    import re
+
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    if "Original Traceback" in text:
+        last = re.findall(r"^[\w.]+: (.*)$", text.split("Original Traceback", 1)[1], flags=re.M)
+        text = last[-1] if last else text.splitlines()[0]
+    return text

@@ -9,6 +9,9 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .errors import ConfigError
+from .fields import checked_values
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -60,17 +63,21 @@ def make_config(name: str, **overrides):
     return dataclasses.replace(cfg, **overrides)
 
 
-def build_from_config(family: str, config: dict) -> nn.Module:
-    """Rebuild a model from a family name and a plain-dict config (as saved in weight-file metadata)."""
+def config_from_dict(family: str, config: dict):
+    """A family's config dataclass from a plain dict (as saved in weight-file metadata), every key known and
+    every value of its default's type; raises ConfigError or KeyError naming what is wrong."""
     if family not in _FAMILIES:
         raise KeyError(f"unknown model family {family!r}{_closest(family, _FAMILIES)}")
-    config_cls, build = _FAMILIES[family]
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(config) - fields)
-    if unknown:
-        raise ValueError(f"config for family {family!r} has unknown keys {unknown}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-    return build(config_cls(**kwargs))
+    config_cls = _FAMILIES[family][0]
+    try:
+        return config_cls(**checked_values(config_cls, config, lambda k: f"config key {k!r}"))
+    except (TypeError, ValueError) as e:  # the dataclass's own checks (lengths, choices)
+        raise ConfigError(f"{family} config: {e}") from None
+
+
+def family_builder(family: str) -> Callable[[Any], nn.Module]:
+    """The function that builds a model of `family` from its config dataclass."""
+    return _FAMILIES[family][1]
 
 
 def build_model(name: str, **overrides) -> nn.Module:

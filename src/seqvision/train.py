@@ -16,12 +16,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import create_model
-from .checkpoint import latest_checkpoint, load_state, resolve_weights, save_checkpoint
+from .checkpoint import latest_checkpoint, locked, read_checkpoint, resolve_weights, save_checkpoint
 from .config import TrainConfig, resume_differences, run_folder, saved_config
 from .data import DataError, Seeded, build_datasets, build_transform, held_out
 from .engine import NonFiniteLoss, evaluate, optimizer_step, seed_step, train_micro_step
 from .errors import ConfigError, require
-from .weights import atomic_write, load_model, load_weights, save_model
+from .weights import atomic_write, load_model, load_state_dict, load_weights, save_model
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -110,17 +110,16 @@ class Run:
 
 def check_run_folder(cfg: TrainConfig, folder: Path) -> Path | None:
     """The checkpoint to resume from; refuses to write over a run, or to resume one with other settings."""
-    resume_from = latest_checkpoint(folder) if folder.exists() else None
-    held = [n for n in ("run.json", "latest", "best.safetensors", "metrics.json") if (folder / n).exists()]
+    held = sorted(p.name for p in folder.iterdir() if p.name != ".lock") if folder.exists() else []
     if held and not cfg.resume:
-        raise FileExistsError(f"{folder} already holds a run ({', '.join(held)}); pass --resume to continue it or "
-                              f"choose another --output")
+        raise FileExistsError(f"{folder} already holds files ({', '.join(held[:6])}{' ...' if len(held) > 6 else ''})"
+                              f"; pass --resume to continue its run or choose another --output")
     saved = saved_config(folder)
     if cfg.resume and saved is not None:
         changed = resume_differences(cfg, saved)
         if changed:
             raise ConfigError(f"{folder}: --resume cannot change {changed}; start a new --output instead")
-    return resume_from
+    return latest_checkpoint(folder) if folder.exists() else None
 
 
 def build_model(cfg: TrainConfig, classes: list[str]) -> torch.nn.Module:
@@ -215,10 +214,10 @@ def build(cfg: TrainConfig) -> Run:
 def restore(run: Run) -> None:
     """Load the latest checkpoint into a resumed run, or record a new run's settings in run.json."""
     if run.resume_from is not None:
-        load_weights(run.model, f"{run.resume_from}.safetensors")
+        stem, sd, ema_sd, state = read_checkpoint(run.folder, ema=run.ema is not None)
+        load_state_dict(run.model, sd, source=f"{stem}.safetensors")
         if run.ema is not None:
-            load_weights(run.ema.module, f"{run.resume_from}.ema.safetensors")
-        state = load_state(run.resume_from)
+            load_state_dict(run.ema.module, ema_sd, source=f"{stem}.ema.safetensors")
         run.optimizer.load_state_dict(state["optimizer"])
         if run.scaler is not None and state.get("scaler"):
             run.scaler.load_state_dict(state["scaler"])
@@ -294,14 +293,15 @@ def end_of_epoch(run: Run, writer=None) -> None:
         split = "test (--select-on test)" if run.cfg.select_on == "test" else "val"
         print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f}  {split} loss {metrics['loss']:.4f}  "
               f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%")
-        if metrics["top1"] > run.best:
+        if metrics["top1"] > run.best:  # before the checkpoint that records it as the best
             run.best = metrics["top1"]
             save_model(run.evaluated, run.folder / "best.safetensors", {**run.meta, "epoch": str(h["epoch"])})
+    checkpoint(run)
+    if run.main:  # after it: the metrics are never ahead of the checkpoint a resume starts from
         _write_metrics(run.folder, run.history, metrics, run.classes)
         if writer is not None:
             for k in ("train_loss", "val_loss", "top1", "top5", "lr"):
                 writer.add_scalar(k, h[k], run.step)
-    checkpoint(run)
 
 
 def score_test(run: Run) -> dict | None:
@@ -328,15 +328,17 @@ def score_test(run: Run) -> dict | None:
 def train(cfg: TrainConfig) -> dict:
     """Train `cfg.model` on `cfg.data`; returns the last epoch's metrics, with "test" where a test split
     was scored. See TrainConfig for every option."""
-    run = build(cfg)
-    restore(run)
-    progress = _progress(run.main)
-    writer = _tensorboard(run.folder) if cfg.tensorboard and run.main else None
-    while run.step < run.total_steps:
-        train_epoch(run, progress)
-        if run.step % run.steps_per_epoch == 0 or run.step == run.total_steps:
-            end_of_epoch(run, writer)
-    test = score_test(run)
+    main = int(os.environ.get("RANK", "0")) == 0  # torchrun's; the run folder is the first process's
+    with locked(run_folder(cfg)) if main else nullcontext():  # before anything in it is read or written
+        run = build(cfg)
+        restore(run)
+        progress = _progress(run.main)
+        writer = _tensorboard(run.folder) if cfg.tensorboard and run.main else None
+        while run.step < run.total_steps:
+            train_epoch(run, progress)
+            if run.step % run.steps_per_epoch == 0 or run.step == run.total_steps:
+                end_of_epoch(run, writer)
+        test = score_test(run)
     if run.world > 1:
         dist.destroy_process_group()
     result = dict(run.history[-1]) if run.history else {}

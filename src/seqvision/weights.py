@@ -7,6 +7,7 @@ weight file alone rebuilds its model.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -15,11 +16,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
-from .errors import SeqvisionError, require
-from .registry import Entry, build_from_config, build_model
+from .errors import ConfigError, SeqvisionError, require
+from .registry import Entry, build_model, config_from_dict, family_builder
 
 WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
 
@@ -172,16 +173,26 @@ def model_metadata(model: nn.Module) -> dict[str, str]:
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`: readers see the old file or the new, never half."""
+    """Call write(tmp_path), fsync, then rename over `path`: readers see the old file or the new, never half.
+
+    The file gets the usual mode (0666 less the umask; mkstemp's own is 0600). A full disk raises
+    WeightsError saying "no space left" with the file, and leaves the old file as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "os error 28" in str(e):
+            raise WeightsError(f"{path}: no space left on the device; the previous version of the file, if any, "
+                               f"is kept") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -192,27 +203,76 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         os.close(dir_fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_bytes(data: bytes):
+    """A writer for atomic_write that puts `data` in the file with plain file IO, so errors keep their errno
+    (torch.save's and safetensors' own writers report a full disk as an internal assertion or an untyped error)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return write
+
+
+def torch_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def save_model(model: nn.Module, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> None:
     """Save weights as safetensors (atomically) with the config as metadata, so `load_model` rebuilds it."""
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {**model_metadata(model), **(extra_metadata or {})}
-    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    atomic_write(path, save_bytes(save(sd, metadata=meta)))
 
 
 def load_model(path: str | os.PathLike, **overrides) -> nn.Module:
-    """Rebuild a model from a seqvision safetensors file (config from its metadata) and load its weights."""
+    """Rebuild a model from a seqvision safetensors file (config from its metadata) and load its weights.
+
+    The metadata is untrusted: its config is type-checked, and the model is first built on the meta device
+    so that a config asking for more parameters than the file's tensors hold is refused before allocating.
+    """
     meta = read_metadata(path)
     if meta.get("format") != "seqvision" or "config" not in meta:
         raise WeightsError(f"{path}: no seqvision config in the metadata; build the model with create_model(name) "
                            f"and load it with load_weights(model, path) instead")
-    cfg = {**json.loads(meta["config"]), **overrides}
-    model = build_from_config(meta["family"], cfg)
+    try:
+        saved = json.loads(meta["config"])
+        if not isinstance(saved, dict):
+            raise ConfigError(f"config is a JSON {type(saved).__name__}, not an object")
+        family = meta.get("family", "")
+        cfg = config_from_dict(family, {**saved, **overrides})
+        with torch.device("meta"):
+            wanted = sum(t.numel() for t in family_builder(family)(cfg).state_dict().values())
+    except (ValueError, KeyError, TypeError, RuntimeError, ConfigError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise WeightsError(f"{path}: the model config in its metadata is not usable ({msg})") from None
+    held = tensor_count(path)
+    if wanted > held:
+        raise WeightsError(f"{path}: its metadata asks for a model of {wanted:,} values, but its tensors hold "
+                           f"{held:,}; refused before building it")
+    model = family_builder(family)(cfg)
     if meta.get("int8") == "1":
         from .quantize import quantize_int8
         model = quantize_int8(model)
     model.pretrained_name = meta.get("name", "")
     load_weights(model, path)
     return model
+
+
+def tensor_count(path: str | os.PathLike) -> int:
+    """Elements of all tensors of a safetensors file, from its header alone."""
+    import math
+
+    with safe_open(str(path), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def resolve_pretrained(entry: Entry, pretrained: bool | str) -> str:
@@ -267,8 +327,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | No
                                f"{model.family} model (its seqvision keys are timm's already)")
         sd = to_authors({k: v.contiguous() for k, v in model.state_dict().items()}, model.cfg.layers)
         if Path(dst).suffix == ".safetensors":
-            atomic_write(dst, lambda tmp: save_file(sd, tmp))
+            atomic_write(dst, save_bytes(save(sd)))
         else:
-            atomic_write(dst, lambda tmp: torch.save(sd, tmp))
+            atomic_write(dst, save_bytes(torch_bytes(sd)))
     else:
         raise ValueError(f"to must be 'seqvision' or 'authors', got {to!r}")

@@ -22,6 +22,8 @@ class CNNConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
 
+    stride = 1  # convolutions and a global pool take any size
+
 
 class ResNet(TimmResNet):
     """timm's ResNet built from a CNNConfig: a 7x7 stride-2 stem and max pool (28 px -> 7x7), then four

@@ -34,6 +34,12 @@ class MixerConfig:
         if self.img_size[0] % self.patch_size or self.img_size[1] % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
 
+    @property
+    def stride(self) -> int:
+        return self.patch_size
+
+    fixed_size = True  # the token-mixing MLPs are as wide as the token grid
+
 
 class Block(nn.Module):
     def __init__(self, cfg: MixerConfig, tokens: int, drop_path: float):

@@ -6,6 +6,9 @@ timm's `sequencer2d_*` so its checkpoints load as they are; the authors' release
 """
 from __future__ import annotations
 
+import itertools
+import math
+import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,7 +63,7 @@ class SequencerConfig:
 
     @property
     def stride(self) -> int:
-        return int(torch.tensor(self.patch_sizes).prod())
+        return math.prod(self.patch_sizes)
 
 
 class RNN2d(nn.Module):
@@ -356,7 +359,7 @@ class Sequencer(nn.Module):
         self.stages = nn.Sequential(*[Stage(cfg, i, rates[i]) for i in range(len(cfg.layers))])
         self.norm = nn.LayerNorm(self.num_features, eps=1e-6)
         self.head = Head(self.num_features, cfg.num_classes, cfg.drop_rate)
-        reductions = torch.tensor(cfg.patch_sizes).cumprod(0).tolist()
+        reductions = list(itertools.accumulate(cfg.patch_sizes, operator.mul))
         self.feature_info = [dict(num_chs=d, reduction=r, module=f"stages.{i}")
                              for i, (d, r) in enumerate(zip(cfg.embed_dims, reductions))]
         named_apply(init_weights, self)

@@ -41,6 +41,10 @@ class ViTConfig:
         if self.img_size[0] % self.patch_size or self.img_size[1] % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
 
+    @property
+    def stride(self) -> int:
+        return self.patch_size
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
