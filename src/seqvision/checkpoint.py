@@ -97,6 +97,7 @@ def locked(run: Path):
         return
     created = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
+    held = False
     try:
         with open(run / ".lock", "a+") as f:  # closing it releases the lock, as does the process's death
             try:
@@ -109,11 +110,14 @@ def locked(run: Path):
             f.truncate()
             f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
             f.flush()
+            held = True
             remove_orphans(run)
             yield
+            (run / ".lock").unlink()  # still held: nobody else can be inside
     finally:
-        if created and [p.name for p in run.iterdir()] == [".lock"]:
+        if held and (run / ".lock").exists():  # an exception left it
             (run / ".lock").unlink()
+        if created and not any(run.iterdir()):  # a refused start leaves no folder behind
             run.rmdir()
 
 

@@ -10,6 +10,7 @@ import gzip
 import os
 import random
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         data = path.read_bytes()
         if data[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
             data = gzip.decompress(data)
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read IDX file ({e})") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read IDX file ({type(e).__name__}: {e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex() or 'empty'})")
     ndim = data[3]
@@ -105,6 +106,9 @@ def fashion_mnist(split: str, root: str | os.PathLike | None = None) -> TensorIm
     images, labels = read_idx(folder / img_file), read_idx(folder / lbl_file)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"{folder}: images {images.shape} and labels {labels.shape} do not pair up")
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"{folder / img_file}: Fashion-MNIST images are 28x28, this file holds "
+                        f"{'x'.join(map(str, images.shape[1:]))}")
     if labels.max() >= len(FASHION_MNIST_CLASSES):
         raise DataError(f"{folder / lbl_file}: label {labels.max()} out of range 0..9")
     # (N, H, W) -> (N, 1, H, W): one grey channel
@@ -120,8 +124,9 @@ def scan_class_folders(root: str | os.PathLike) -> tuple[list[tuple[str, int]], 
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise DataError(f"{root}: no class folders (expected {root}/CLASS_NAME/image.png)")
+    if len(classes) < 2:
+        raise DataError(f"{root}: {len(classes)} class folder(s) {classes}; a classifier needs at least two "
+                        f"(expected {root}/CLASS_NAME/image.png)")
     samples = []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())

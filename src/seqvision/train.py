@@ -241,6 +241,30 @@ def checkpoint(run: Run) -> None:
         dist.barrier()
 
 
+def train_step(run: Run, loader, epoch: int) -> tuple[float, int]:
+    """One optimizer step over `accum_steps` micro-batches; returns (mean loss, images seen by all processes)."""
+    cfg = run.cfg
+    run.scheduler.step_update(run.step)  # set lr
+    loss, seen = 0.0, 0
+    for m in range(cfg.accum_steps):
+        images, targets = next(loader)
+        seed_step(cfg.seed, run.step, m, run.rank)
+        sync = m == cfg.accum_steps - 1 or run.world == 1
+        with run.net.no_sync() if not sync else nullcontext():
+            value = train_micro_step(run.net, images, targets, run.criterion, run.mixup, run.device, cfg.amp,
+                                     1.0 / cfg.accum_steps, run.scaler)
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss is {value} at step {run.step + 1} (epoch {epoch + 1}); stopped without "
+                                f"writing a checkpoint, the last good one in {run.folder} is kept")
+        loss += value / cfg.accum_steps
+        seen += len(images) * run.world
+    optimizer_step(run.net, run.optimizer, cfg.clip_grad, run.scaler, run.step + 1)
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.step)
+    run.step += 1
+    return loss, seen
+
+
 def train_epoch(run: Run, progress) -> float:
     """Optimizer steps up to the end of the current epoch (or the step budget); returns the mean loss."""
     cfg = run.cfg
@@ -248,36 +272,18 @@ def train_epoch(run: Run, progress) -> float:
     batches = epoch_batches(run.sampler, epoch, run.micro)[start * cfg.accum_steps: run.steps_per_epoch * cfg.accum_steps]
     run.train_ds.epoch = epoch
     loader = iter(make_loader(run.train_ds, run.micro, cfg.workers, batches=batches))
-    bar = progress(total=run.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}")
     run.net.train()
     seen, t0, loss_sum, steps = 0, time.perf_counter(), 0.0, 0
-    while run.step < min(run.total_steps, (epoch + 1) * run.steps_per_epoch):
-        run.scheduler.step_update(run.step)  # set lr
-        loss = 0.0
-        for m in range(cfg.accum_steps):
-            images, targets = next(loader)
-            seed_step(cfg.seed, run.step, m, run.rank)
-            sync = m == cfg.accum_steps - 1 or run.world == 1
-            with run.net.no_sync() if not sync else nullcontext():
-                value = train_micro_step(run.net, images, targets, run.criterion, run.mixup, run.device, cfg.amp,
-                                         1.0 / cfg.accum_steps, run.scaler)
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss is {value} at step {run.step + 1} (epoch {epoch + 1}); stopped without "
-                                    f"writing a checkpoint, the last good one in {run.folder} is kept")
-            loss += value / cfg.accum_steps
-            seen += len(images) * run.world
-        optimizer_step(run.net, run.optimizer, cfg.clip_grad, run.scaler, run.step + 1)  # step
-        if run.ema is not None:
-            run.ema.update(run.model, step=run.step)
-        run.step += 1
-        steps += 1
-        loss_sum += loss
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
-                        img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        bar.update()
-        if cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and run.step % run.steps_per_epoch:
-            checkpoint(run)
-    bar.close()
+    # `with`: the bar is closed before an error is printed, so the error stays the last line
+    with progress(total=run.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}") as bar:
+        while run.step < min(run.total_steps, (epoch + 1) * run.steps_per_epoch):
+            loss, n = train_step(run, loader, epoch)
+            seen, steps, loss_sum = seen + n, steps + 1, loss_sum + loss
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            bar.update()
+            if cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and run.step % run.steps_per_epoch:
+                checkpoint(run)
     run.history.append({"epoch": epoch + 1, "step": run.step, "train_loss": loss_sum / max(steps, 1),
                         "epoch_seconds": time.perf_counter() - t0})
     return loss_sum / max(steps, 1)

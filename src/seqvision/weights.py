@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import os
 import re
 import tempfile
@@ -134,15 +135,15 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str =
     nonfinite = sorted(k for k in set(sd) & set(own) if sd[k].dtype.is_floating_point
                        and not torch.isfinite(sd[k]).all())
     if missing or unexpected or shapes or kinds or nonfinite:
-        lines = [f"{source} does not fit {type(model).__name__}:"]
+        parts = []
         for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes),
                              ("integer where float is expected, or the reverse", kinds),
                              ("NaN or infinite values", nonfinite)):
             if items:
-                lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
+                parts.append(f"{label} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
         if any(k.startswith(head) for k in shapes):
-            lines.append("  (a different number of classes? pass drop_head=True, or num_classes= to create_model)")
-        raise WeightsError("\n".join(lines))
+            parts.append("a different number of classes? pass drop_head=True, or num_classes= to create_model")
+        raise WeightsError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
     model.load_state_dict(sd, strict=True)
 
 
@@ -250,14 +251,17 @@ def load_model(path: str | os.PathLike, **overrides) -> nn.Module:
         family = meta.get("family", "")
         cfg = config_from_dict(family, {**saved, **overrides})
         with torch.device("meta"):
-            wanted = sum(t.numel() for t in family_builder(family)(cfg).state_dict().values())
+            shapes = {k: tuple(t.shape) for k, t in family_builder(family)(cfg).state_dict().items()}
     except (ValueError, KeyError, TypeError, RuntimeError, ConfigError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise WeightsError(f"{path}: the model config in its metadata is not usable ({msg})") from None
-    held = tensor_count(path)
-    if wanted > held:
+    held = tensor_shapes(path)
+    wanted, have = sum(map(math.prod, shapes.values())), sum(map(math.prod, held.values()))
+    if wanted > have:
+        diff = [f"missing {k}" for k in shapes if k not in held][:6] + \
+               [f"{k}: file {held[k]} vs config {shapes[k]}" for k in shapes if k in held and held[k] != shapes[k]][:6]
         raise WeightsError(f"{path}: its metadata asks for a model of {wanted:,} values, but its tensors hold "
-                           f"{held:,}; refused before building it")
+                           f"{have:,} ({', '.join(diff) or 'other keys'}); refused before building it")
     model = family_builder(family)(cfg)
     if meta.get("int8") == "1":
         from .quantize import quantize_int8
@@ -267,12 +271,10 @@ def load_model(path: str | os.PathLike, **overrides) -> nn.Module:
     return model
 
 
-def tensor_count(path: str | os.PathLike) -> int:
-    """Elements of all tensors of a safetensors file, from its header alone."""
-    import math
-
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in a safetensors file, from its header alone."""
     with safe_open(str(path), framework="pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def resolve_pretrained(entry: Entry, pretrained: bool | str) -> str:
