@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,hub,export]'
+	$(PY) -m pip install -q -e '.[test,hub,export,serve]'
 	touch $@
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package (needs root or sudo once).

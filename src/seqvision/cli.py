@@ -243,6 +243,24 @@ def cmd_experiment(args) -> None:
     print(f"report: {os.path.join(args.out, 'report.md')}")
 
 
+def cmd_serve(args) -> None:
+    from .errors import ConfigError
+    from .serve.app import serve
+
+    if args.max_wait_ms < 0 or args.max_mb <= 0:
+        raise ConfigError(f"--max-wait-ms must be >= 0 and --max-mb > 0, got {args.max_wait_ms} and {args.max_mb}")
+    serve(args.checkpoint, args.host, args.port, args.int8, args.threads, args.max_batch, args.max_wait_ms,
+          args.max_mb)
+
+
+def cmd_serve_bench(args) -> None:
+    from .serve.bench import run
+
+    image = open(args.image, "rb").read() if args.image else None
+    for c in args.concurrency:
+        print(json.dumps(run(args.url, args.requests, c, image)))
+
+
 def add_eval_data_args(p: argparse.ArgumentParser) -> None:
     """The checkpoint and evaluation-data flags of validate and quantize; the run's own settings by default."""
     p.add_argument("--checkpoint", required=True, help="run folder or .safetensors file")
@@ -327,6 +345,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=at_least(1), default=5)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="an HTTP API and a web page for a trained model",
+                       description="Serve a run folder or weights file on FastAPI/uvicorn: POST /predict (one image, "
+                                   "multipart or raw bytes), POST /predict/batch, POST /explain (saliency overlay), "
+                                   "GET /model, GET /health, and a web page at /. Concurrent requests are "
+                                   "micro-batched. Needs the serve extra: pip install 'seqvision[serve]'.")
+    p.add_argument("--checkpoint", required=True, help="run folder or .safetensors file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=at_least(1), default=8000)
+    p.add_argument("--int8", action="store_true", help="answer with the int8 model (CPU)")
+    p.add_argument("--threads", type=at_least(0), default=0, help="torch threads (default: torch's)")
+    p.add_argument("--max-batch", type=at_least(1), default=16, help="most requests per forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to join")
+    p.add_argument("--max-mb", type=float, default=8.0, help="largest request body, in MiB (larger: 413)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("serve-bench", help="load-test a running server: req/s, p50, p99, errors",
+                       description="Send --requests POST /predict to a running `seqvision serve` with --concurrency "
+                                   "in flight, and report throughput, latency percentiles and errors.")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    p.add_argument("--requests", type=at_least(1), default=500)
+    p.add_argument("--concurrency", type=at_least(1), nargs="+", default=[1, 8], help="one run per value")
+    p.add_argument("--image", default="", help="image file to send (default: noise of the model's input size)")
+    p.set_defaults(func=cmd_serve_bench)
 
     p = sub.add_parser("benchmark", help="throughput against timm's implementation, same weights and threads",
                        description="Inference or training throughput of a model (each BiLSTM2D backend) and of "

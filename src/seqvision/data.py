@@ -185,8 +185,9 @@ def open_image(src: str | os.PathLike | bytes, hint: str = "") -> Image.Image:
                         f"{Image.MAX_IMAGE_PIXELS:,} pixels){hint}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         empty = src == b"" if isinstance(src, bytes) else os.path.isfile(src) and os.path.getsize(src) == 0
-        raise DataError(f"{name}: unreadable image ({'zero bytes' if empty else type(e).__name__}: {e}){hint}") \
-            from None
+        why = "zero bytes" if empty else "not an image format PIL can identify" \
+            if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        raise DataError(f"{name}: unreadable image ({why}){hint}") from None
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
