@@ -325,7 +325,7 @@ def test_page_in_a_real_browser(server, model, tmp_path):
         WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "top1").text != "")
         assert browser.find_element(By.ID, "top1").text == want
         assert len(browser.find_elements(By.CSS_SELECTOR, "#bars li")) == 3
-        WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "overlay").get_attribute("src")
+        WebDriverWait(browser, 60).until(lambda b: (b.find_element(By.ID, "overlay").get_attribute("src") or "")
                                          .startswith("data:image/png"))
         shot = np.asarray(Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("L"), dtype=np.float32)
         assert shot.std() > 10  # not blank: header, bars and images drawn
