@@ -13,11 +13,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,hub,export,serve]'
 	touch $@
 
-# Fashion-MNIST from Debian's dataset-fashion-mnist package (needs root or sudo once).
+# Fashion-MNIST: Debian's dataset-fashion-mnist package where apt exists (root or sudo); elsewhere (macOS,
+# Fedora, no root) seqvision downloads the four files on first use into ~/.cache/seqvision (or
+# $SEQVISION_DATA), checking their SHA-256.
 data:
-	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
+	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist || \
+	  echo "apt could not install dataset-fashion-mnist: seqvision will download Fashion-MNIST instead"; \
+	else echo "no apt here: seqvision downloads Fashion-MNIST into $${SEQVISION_DATA:-~/.cache/seqvision} on first use"; fi
 
 RUN ?= runs/main-job
 

@@ -259,18 +259,6 @@ def test_idx_files(tmp_path):
         find_fashion_mnist(tmp_path / "nowhere")
 
 
-def test_download_code_without_network(tmp_path, monkeypatch):
-    """The online download path, served from files the test wrote (no network here)."""
-    import urllib.request
-
-    from seqvision.data import download_fashion_mnist
-    src = write_fashion_like(tmp_path / "src")
-    monkeypatch.setattr(urllib.request, "urlretrieve",
-                        lambda url, dst: Path(dst).write_bytes((src / url.rsplit("/", 1)[1]).read_bytes()))
-    out = download_fashion_mnist(tmp_path / "dl", base_url="http://example.invalid/")
-    assert find_fashion_mnist(out) == out
-
-
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tree, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(TrainConfig(data=str(tree), output=str(run), epochs=4, max_steps=1, val_fraction=0.25, **TINY))

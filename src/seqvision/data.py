@@ -22,9 +22,17 @@ from torch.utils.data import Dataset, Subset
 from .errors import SeqvisionError
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)  # Debian's dataset-fashion-mnist
-FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                         "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/")
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                        "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+# SHA-256 of the decompressed IDX bytes: the official .gz files and Debian's re-compressed ones hold the same.
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -58,31 +66,81 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
-    """The folder holding the four Fashion-MNIST IDX files: `root`, or where Debian's package puts them."""
-    candidates = [Path(root)] if root else [Path(d) for d in FASHION_MNIST_DIRS]
+def data_cache() -> Path:
+    """Where downloaded datasets go: $SEQVISION_DATA, else ~/.cache/seqvision."""
+    return Path(os.environ.get("SEQVISION_DATA") or Path.home() / ".cache" / "seqvision")
+
+
+def find_fashion_mnist(root: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """The folder holding the four Fashion-MNIST IDX files: `root` if given; else Debian's package folder,
+    else the cache folder (`data_cache()`), else a fresh download into the cache when `download`."""
+    names = [f for pair in FASHION_MNIST_FILES.values() for f in pair]
+    if root:
+        if not all((Path(root) / f).exists() for f in names):
+            raise DataError(f"--data-root {root}: Fashion-MNIST IDX files not found there ({', '.join(names)})")
+        return Path(root)
+    candidates = [Path(d) for d in FASHION_MNIST_DIRS] + [data_cache() / "fashion-mnist"]
     for d in candidates:
-        if all((d / f).exists() for pair in FASHION_MNIST_FILES.values() for f in pair):
+        if all((d / f).exists() for f in names):
             return d
-    raise DataError(f"Fashion-MNIST IDX files not found in {', '.join(map(str, candidates))}: install Debian's "
-                    f"dataset-fashion-mnist (make data), pass a folder with the four files, or run "
-                    f"seqvision.data.download_fashion_mnist(folder) where you are online")
+    if download:
+        return download_fashion_mnist(candidates[-1])
+    raise DataError(f"Fashion-MNIST IDX files not found in {', '.join(map(str, candidates))}")
 
 
-def download_fashion_mnist(folder: str | os.PathLike, base_url: str = FASHION_MNIST_URL) -> Path:
-    """Fetch the four official IDX files into `folder` (for users who are online)."""
-    from urllib.request import urlretrieve
+def download_fashion_mnist(folder: str | os.PathLike, mirrors: tuple[str, ...] | None = None,
+                           sha256: dict[str, str] | None = None) -> Path:
+    """Fetch the IDX files missing from `folder`, trying each mirror in turn, with a progress bar.
 
+    Each file is written as a hidden `.part`, its decompressed bytes checked against `sha256`, and only then
+    renamed into place: a broken or tampered download leaves nothing behind.
+
+    Args:
+        folder: where the files go (created if needed).
+        mirrors: base URLs, tried in order (default: FASHION_MNIST_MIRRORS).
+        sha256: file name -> SHA-256 of its decompressed content (default: FASHION_MNIST_SHA256).
+    """
+    import hashlib
+    import urllib.request
+
+    from tqdm import tqdm
+
+    mirrors, sha256 = mirrors or FASHION_MNIST_MIRRORS, sha256 or FASHION_MNIST_SHA256
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for pair in FASHION_MNIST_FILES.values():
-        for name in pair:
-            if not (folder / name).exists():
-                tmp = folder / f".{name}.part"
-                urlretrieve(base_url + name, tmp)
-                read_idx(tmp)  # refuse a broken download before it takes the real name
-                os.replace(tmp, folder / name)
+    for name, want in sha256.items():
+        if (folder / name).exists():
+            continue
+        part, failures = folder / f".{name}.part", []
+        for base in mirrors:
+            try:
+                with urllib.request.urlopen(base + name, timeout=60) as r, open(part, "wb") as f, \
+                        tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                             desc=f"Fashion-MNIST {name}") as bar:
+                    while chunk := r.read(1 << 16):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                got = hashlib.sha256(_idx_bytes(part)).hexdigest()
+                if got != want:
+                    raise DataError(f"SHA-256 {got} of its content, expected {want}")
+                os.replace(part, folder / name)
+                break
+            except (OSError, DataError, ValueError) as e:  # URLError is an OSError
+                failures.append(f"{base + name}: {e}")
+            finally:
+                part.unlink(missing_ok=True)
+        else:
+            raise DataError(f"could not download Fashion-MNIST's {name} ({'; '.join(failures)}); install Debian's "
+                            f"dataset-fashion-mnist or put the four files in {folder}")
     return folder
+
+
+def _idx_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    try:
+        return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"not a valid gzip file ({type(e).__name__}: {e})") from None
 
 
 class TensorImages(Dataset):

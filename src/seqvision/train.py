@@ -345,12 +345,23 @@ def train(cfg: TrainConfig) -> dict:
             if run.step % run.steps_per_epoch == 0 or run.step == run.total_steps:
                 end_of_epoch(run, writer)
         test = score_test(run)
+        if run.main and run.step >= run.total_steps:
+            write_hub(run)
     if run.world > 1:
         dist.destroy_process_group()
     result = dict(run.history[-1]) if run.history else {}
     if test is not None:
         result["test"] = {k: test[k] for k in ("top1", "top5", "loss", "count")}
     return result
+
+
+def write_hub(run: Run) -> None:
+    """The best weights as a hub folder (timm's layout) in RUN/hub, with class names and preprocessing."""
+    from .hub import save_pretrained
+
+    best = run.folder / "best.safetensors"
+    model = load_model(best) if best.exists() else run.evaluated
+    save_pretrained(model, run.folder / "hub", run.classes, json.loads(run.meta["data"]))
 
 
 def _write_metrics(run: Path, history: list[dict], last: dict, classes: list[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from timm.models.resnet import BasicBlock
 from timm.models.resnet import ResNet as TimmResNet
 
@@ -42,6 +43,17 @@ class ResNet(TimmResNet):
                          channels=cfg.channels, stem_width=cfg.stem_width, drop_rate=cfg.drop_rate,
                          drop_path_rate=cfg.drop_path_rate)
         self.cfg = cfg
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, **kw):
+        """timm's ResNet feature maps, also as NHWC (timm's own gives NCHW only)."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
+        out = super().forward_intermediates(x, indices, norm=norm, intermediates_only=intermediates_only, **kw)
+        if output_fmt == "NCHW":
+            return out
+        nhwc = lambda fs: [f.permute(0, 2, 3, 1) for f in fs]  # noqa: E731  (B, C, H, W) -> (B, H, W, C)
+        return nhwc(out) if intermediates_only else (out[0], nhwc(out[1]))
 
 
 def _small(budget: str, size: int) -> CNNConfig:

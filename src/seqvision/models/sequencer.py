@@ -380,6 +380,28 @@ class Sequencer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
+    def no_weight_decay(self) -> set[str]:
+        return {"absolute_pos_embed"} if self.absolute_pos_embed is not None else set()
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (layer-wise learning-rate decay): the stem, then stages or blocks."""
+        if coarse:
+            return dict(stem=r"^stem|^absolute_pos_embed", blocks=[(r"^stages\.(\d+)", None), (r"^norm", (99999,))])
+        return dict(stem=r"^stem|^absolute_pos_embed",
+                    blocks=[(r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^stages\.(\d+)\.downsample", (0,)),
+                            (r"^norm", (99999,))])
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of `indices` (and the final norm and head) for backbone use."""
+        take = take_indices(indices, len(self.stages))
+        self.stages = self.stages[:max(take) + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.head.fc = classifier(self.num_features, num_classes)

@@ -118,6 +118,9 @@ class VisionTransformer(TokenClassifier):
         nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(init_vit)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """The (1, 1 + h*w, C) position embedding for a patch grid of (h, w)."""
         if tuple(grid) == self.grid:
