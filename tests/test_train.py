@@ -380,3 +380,14 @@ def test_real_fashion_mnist_learns(tmp_path):
     # 100 steps of a 1M-parameter Sequencer: about 50% (chance is 10%), 48.9 to 51.4 on the test images
     # depending on the thread count the GEMMs ran with
     assert result["top1"] > 40 and result["test"]["top1"] > 40
+
+
+def test_defaults_are_the_small_recipe():
+    """A user who passes no --config trains with the main job's recipe (model and workers aside)."""
+    import dataclasses
+
+    from seqvision.config import load_recipe
+    recipe = load_recipe("small")
+    defaults = dataclasses.asdict(TrainConfig())
+    assert {k: v for k, v in recipe.items() if k not in ("model", "workers")} == \
+        {k: defaults[k] for k in recipe if k not in ("model", "workers")}
