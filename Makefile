@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,hub,export,serve]'
+	$(PY) -m pip install -q -e '.[test,hub,export,serve,experiments]'
 	touch $@
 
 # Fashion-MNIST: Debian's dataset-fashion-mnist package where apt exists (root or sudo); elsewhere (macOS,

@@ -28,6 +28,12 @@ def out(data, tmp_path_factory):
     return out
 
 
+def needs_imagecorruptions():
+    import importlib.util
+    if importlib.util.find_spec("imagecorruptions") is None:  # importing it needs the shim in robustness
+        pytest.skip("imagecorruptions is not installed (pip install 'seqvision[experiments]')")
+
+
 def rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -89,3 +95,81 @@ def test_effective_size_and_half_mass():
     flat, point = torch.ones(10, 10), torch.zeros(10, 10)
     point[3, 3] = 5
     assert half_mass_area(flat) == pytest.approx(0.5, abs=0.011) and half_mass_area(point) == 0.01
+
+
+def test_ablation_quick_table_has_every_variant_with_its_sign(data, out):
+    assert cli.main(["experiment", "ablation", "--data", str(data), "--out", str(out), "--quick"]) == 0
+    got = rows(out / "ablation" / "results.csv")
+    assert [r["variant"] for r in got] == ["base", "gru", "rnn", "unidirectional", "add", "vertical", "horizontal",
+                                           "without_fc", "1d"]
+    assert got[0]["model"] == "sequencer2d_1m_28" and got[-1]["model"] == "v_sequencer_1m_28"
+    assert all(float(r["params"]) > 0 and float(r["infer_img_per_s"]) > 0 and r["test_top1"] != "" for r in got)
+    assert len({r["params"] for r in got}) > 4  # the variants really are different models
+    report = (out / "report.md").read_text()
+    assert "## ablation" in report and "| gru | cell: GRU instead of LSTM |" in report
+
+
+def test_transfer_quick_and_finetune_starts_from_the_source(data, out):
+    from seqvision.config import TrainConfig
+    from seqvision.train import build_model
+    from seqvision.weights import load_model
+
+    assert cli.main(["experiment", "transfer", "--data", str(data), "--out", str(out), "--quick"]) == 1  # 3 classes
+    assert cli.main(["experiment", "transfer", "--data", str(data), "--out", str(out), "--quick",
+                     "--source-classes", "cat,dog", "--target-classes", "dog,fox"]) == 0
+    got = rows(out / "transfer" / "results.csv")
+    assert {(r["model"], r["start"], r["labels"]) for r in got} == {
+        (m, s, b) for m in ("sequencer2d_1m_28", "vit_1m_28") for s in ("scratch", "finetune") for b in ("0.8", "1.0")}
+    source = out / "cells" / "source-sequencer2d_1m_28-s0"
+    assert load_model(source / "best.safetensors").num_classes == 2
+    # the fine-tuned cell's model before its first step: the source's backbone, a fresh head for its classes
+    cfg = TrainConfig(data=str(data), classes="1,2", model="sequencer2d_1m_28", pretrained=str(source))
+    model, src = build_model(cfg, ["dog", "fox"]), load_model(source / "best.safetensors")
+    for k, v in src.state_dict().items():
+        if not k.startswith("head."):
+            torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+    assert "## transfer" in (out / "report.md").read_text()
+    assert (out / "transfer" / "accuracy_vs_labels.png").stat().st_size > 1000
+
+
+def test_robustness_quick_caches_the_corrupted_set(data, out, monkeypatch):
+    needs_imagecorruptions()
+    from seqvision.experiments import robustness
+
+    assert cli.main(["experiment", "robustness", "--data", str(data), "--out", str(out), "--quick"]) == 0
+    got = rows(out / "robustness" / "results.csv")
+    assert {r["corruption"] for r in got} == {"clean", *robustness.CORRUPTIONS}
+    assert {r["severity"] for r in got if r["corruption"] != "clean"} == {"1", "2", "3", "4", "5"}
+    cache = sorted((out / "robustness" / "cache").glob("*.npy"))
+    assert len(cache) == 75
+    stamp = {p: p.stat().st_mtime_ns for p in cache}
+    monkeypatch.setattr(robustness, "corruptions", lambda: pytest.fail("the cached set is reused"))
+    assert cli.main(["experiment", "robustness", "--data", str(data), "--out", str(out), "--quick"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in cache} == stamp
+    report = (out / "report.md").read_text()
+    assert "## robustness" in report and "| resnet_1m_28 |" in report and "100.0 |" in report  # the baseline's mCE
+    assert (out / "robustness" / "ce_heatmap.png").stat().st_size > 1000
+
+
+def test_corruption_keeps_shape_and_changes_the_image():
+    needs_imagecorruptions()
+    import numpy as np
+
+    from seqvision.experiments.robustness import CORRUPTIONS, corrupt_image, corruptions
+    corrupt = corruptions()
+    img = np.zeros((28, 28), np.uint8)
+    img[6:22, 8:20] = 200
+    for name in CORRUPTIONS:
+        np.random.seed(0)
+        out = corrupt_image(corrupt, img, name, 3)
+        assert out.shape == img.shape and out.dtype == np.uint8, name
+        assert np.abs(out.astype(int) - img).mean() > 0.2, name
+
+
+def test_class_subsets_relabel_every_split(data):
+    from seqvision.data import build_datasets
+
+    spec = build_datasets(str(data), 0.25, 0, classes="fox,cat")
+    assert spec.classes == ["fox", "cat"]
+    assert {y for _, y in spec.train} == {0, 1} and {y for _, y in spec.test} == {0, 1}
+    assert len(spec.test) == 8

@@ -75,7 +75,8 @@ def eval_data(args, meta: dict):
         raise ConfigError(f"{args.checkpoint} was trained with --val-fraction {run['val_fraction']} --seed "
                           f"{run['seed']} on {data}; another split would score training images (use --split test "
                           f"for the test split)")
-    spec = build_datasets(data, fraction, seed, getattr(args, "skip_corrupt", False), args.data_root)
+    classes = run.get("classes", "") if data == run.get("data") else ""  # the run's class subset, if any
+    spec = build_datasets(data, fraction, seed, getattr(args, "skip_corrupt", False), args.data_root, classes)
     if args.split == "test" and spec.test is None:
         raise ConfigError(f"--split test: {data} has no test split (a single class-folder tree)")
     return (spec.test if args.split == "test" else spec.val), spec.classes, data
@@ -239,7 +240,8 @@ def cmd_experiment(args) -> None:
 
     command = "seqvision " + " ".join(args.argv)
     run(args.name, args.out, args.data, args.data_root, args.seeds, args.epochs, args.quick, args.budget,
-        args.fractions, command=command)
+        args.fractions, command=command, source=args.source, source_classes=args.source_classes,
+        target=args.target, target_classes=args.target_classes, images=args.images)
     print(f"report: {os.path.join(args.out, 'report.md')}")
 
 
@@ -402,11 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .experiments import EXPERIMENTS
 
-    p = sub.add_parser("experiment", help="the paper's claims as experiments: compare, resolution, erf",
+    p = sub.add_parser("experiment", help="the paper's claims as experiments: compare, resolution, erf, ablation, "
+                                          "transfer, robustness",
                        description="Run one experiment of the paper at small scale. compare: Sequencer2D, ViT and "
                                    "Mixer at matched budgets over seeds and shares of the training data; "
                                    "resolution: the same models scored at other test sizes without fine-tuning; "
-                                   "erf: effective receptive fields of trained and untrained models. Each cell "
+                                   "erf: effective receptive fields of trained and untrained models; ablation: the paper's "
+                                   "variants of one Sequencer2D; transfer: fine-tuned vs from scratch on a target "
+                                   "at 1/10/100% of its labels; robustness: ImageNet-C-style corruption errors "
+                                   "and mCE. Each cell "
                                    "is a run folder under OUT/cells (a rerun skips finished cells and resumes a "
                                    "killed one); results.csv and plots go to OUT/NAME, a section to "
                                    "OUT/report.md.")
@@ -419,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", choices=["1m", "5m"], default="1m", help="parameter budget of the models")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2, 1.0],
                    help="compare: shares of the training split")
+    p.add_argument("--source", default="", help="transfer: pretraining data (default: --data)")
+    p.add_argument("--source-classes", default="", help="transfer: the source's classes, comma-separated names or "
+                                                         "indices (default with one dataset: its first half)")
+    p.add_argument("--target", default="", help="transfer: fine-tuning data (default: --data)")
+    p.add_argument("--target-classes", default="", help="transfer: the target's classes (default with one dataset: "
+                                                         "the second half)")
+    p.add_argument("--images", type=at_least(1), default=2000, help="robustness: test images to corrupt")
     p.add_argument("--quick", action="store_true", help="a minutes-long smoke version (1 seed, 2 steps)")
     p.set_defaults(func=cmd_experiment)
 

@@ -48,6 +48,7 @@ class TrainConfig:
     cooldown_epochs: int = opt(0, "epochs at --min-lr after the cosine decay")
     img_size: int = opt(0, "input side (0: the model's default)")
     val_fraction: float = opt(0.1, "share of the training data held out for validation (curves, model selection)")
+    classes: str = opt("", "train and evaluate on these classes only: comma-separated names or indices ('' all)")
     train_fraction: float = opt(1.0, "train on this seeded share of the training split (data-efficiency studies)")
     select_on: str = opt("val", "split that picks best.safetensors: val, or test (opt-in; makes the test figure "
                                 "optimistic)")

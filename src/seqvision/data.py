@@ -303,8 +303,56 @@ def held_out(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]
     return Subset(ds, train), Subset(ds, val)
 
 
+def labels_of(ds: Dataset) -> list[int]:
+    """Every label of a dataset, read without decoding images."""
+    if isinstance(ds, Subset):
+        inner = labels_of(ds.dataset)
+        return [inner[i] for i in ds.indices]
+    if isinstance(ds, TensorImages):
+        return ds.labels.tolist()
+    if isinstance(ds, ImageFiles):
+        return [label for _, label in ds.samples]
+    if isinstance(ds, Relabelled):
+        return [ds.mapping[y] for y in labels_of(ds.ds)]
+    raise DataError(f"cannot read the labels of a {type(ds).__name__}")
+
+
+class Relabelled(Dataset):
+    """The samples of `ds` whose labels are keys of `mapping`, relabelled by it (a subset of the classes)."""
+
+    def __init__(self, ds: Dataset, mapping: dict[int, int]):
+        self.ds, self.mapping = ds, mapping
+        self.indices = [i for i, y in enumerate(labels_of(ds)) if y in mapping]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        img, y = self.ds[self.indices[i]]
+        return img, self.mapping[y]
+
+
+def select_classes(spec: DataSpec, wanted: str) -> DataSpec:
+    """Keep the classes listed in `wanted` (comma-separated names or indices, in that order) in every split."""
+    items = [w.strip() for w in wanted.split(",") if w.strip()]
+    chosen = []
+    for w in items:
+        if w in spec.classes:
+            chosen.append(spec.classes.index(w))
+        elif w.isdigit() and int(w) < len(spec.classes):
+            chosen.append(int(w))
+        else:
+            raise DataError(f"--classes: {w!r} is neither a class name nor an index below {len(spec.classes)} "
+                            f"(classes: {', '.join(spec.classes)})")
+    if len(set(chosen)) < 2 or len(set(chosen)) != len(chosen):
+        raise DataError(f"--classes {wanted!r}: name at least two different classes, each once")
+    mapping = {old: new for new, old in enumerate(chosen)}
+    keep = lambda ds: Relabelled(ds, mapping) if ds is not None else None  # noqa: E731
+    return DataSpec(keep(spec.train), keep(spec.val), keep(spec.test), [spec.classes[i] for i in chosen])
+
+
 def build_datasets(data: str, val_fraction: float = 0.1, seed: int = 0, skip_corrupt: bool = False,
-                   data_root: str | None = None) -> DataSpec:
+                   data_root: str | None = None, classes: str = "") -> DataSpec:
     """Resolve `--data`: a named dataset, a folder of class folders with a test split, or one class-folder tree.
 
     The validation split is always held out of the training data (`val_fraction`, seeded); the test split
@@ -317,7 +365,13 @@ def build_datasets(data: str, val_fraction: float = 0.1, seed: int = 0, skip_cor
         seed: seed of that split.
         skip_corrupt: skip unreadable images instead of stopping.
         data_root: where named datasets' files are (default: their usual places).
+        classes: keep only these classes (comma-separated names or indices; see `select_classes`).
     """
+    spec = _datasets(data, val_fraction, seed, skip_corrupt, data_root)
+    return select_classes(spec, classes) if classes else spec
+
+
+def _datasets(data: str, val_fraction: float, seed: int, skip_corrupt: bool, data_root: str | None) -> DataSpec:
     if data == "fashion-mnist":
         return DataSpec(*held_out(fashion_mnist("train", data_root), val_fraction, seed),
                         fashion_mnist("test", data_root), FASHION_MNIST_CLASSES)

@@ -151,7 +151,7 @@ def build(cfg: TrainConfig) -> Run:
         torch.set_num_threads(cfg.threads)
     folder = run_folder(cfg)
     resume_from = check_run_folder(cfg, folder)
-    spec = build_datasets(cfg.data, cfg.val_fraction, cfg.seed, cfg.skip_corrupt, cfg.data_root or None)
+    spec = build_datasets(cfg.data, cfg.val_fraction, cfg.seed, cfg.skip_corrupt, cfg.data_root or None, cfg.classes)
     if cfg.train_fraction < 1:  # the validation and test splits stay whole
         spec.train = held_out(spec.train, 1 - cfg.train_fraction, cfg.seed)[0]
     if resume_from is not None:
@@ -203,7 +203,8 @@ def build(cfg: TrainConfig) -> Run:
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=cfg.ema_decay)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    split = {"data": cfg.data, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "select_on": cfg.select_on}
+    split = {"data": cfg.data, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "select_on": cfg.select_on,
+             "classes": cfg.classes}
     meta = {"classes": json.dumps(spec.classes), "data": json.dumps({**tf_args, "mean": cfg.mean, "std": cfg.std}),
             "split": json.dumps(split)}
     return Run(cfg, folder, rank, world, device, spec.classes, model, net, ema, optimizer, scheduler, scaler, mixup,

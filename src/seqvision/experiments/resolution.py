@@ -27,7 +27,7 @@ def score_at(folder: Path, sizes, limit: int = 0) -> list[dict]:
 
     model, classes, data, meta = load_for_inference(folder)
     split = json.loads(meta["split"])
-    spec = build_datasets(split["data"], split["val_fraction"], split["seed"])
+    spec = build_datasets(split["data"], split["val_fraction"], split["seed"], classes=split.get("classes", ""))
     ds = spec.test if spec.test is not None else spec.val
     if limit:
         ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))

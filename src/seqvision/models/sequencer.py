@@ -6,6 +6,7 @@ timm's `sequencer2d_*` so its checkpoints load as they are; the authors' release
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import operator
@@ -490,6 +491,22 @@ def _small(budget: str, size: int) -> SequencerConfig:
 
 
 PRESETS.update({f"sequencer2d_{b}_{s}": _small(b, s) for b in ("300k", "1m", "5m") for s in (28, 32)})
+
+
+def _ablations(base: SequencerConfig, name: str) -> dict[str, SequencerConfig]:
+    """The paper's ablations of a preset, built as the authors built theirs of Sequencer2D-S: the one-axis
+    variants double the hidden size and drop fc (4D = C as before), the 1-D vanilla mixer has 2D = C."""
+    h2x = dict(hidden_sizes=tuple(2 * h for h in base.hidden_sizes))
+    r = dataclasses.replace
+    return {f"{name}_unidirectional": r(base, bidirectional=False), f"{name}_add": r(base, union="add"),
+            f"{name}_without_fc": r(base, with_fc=False),
+            f"{name}_vertical": r(base, union="vertical", with_fc=False, **h2x),
+            f"{name}_horizontal": r(base, union="horizontal", with_fc=False, **h2x),
+            f"gru_{name}": r(base, cell="gru"), f"rnn_{name}": r(base, cell="rnn"),
+            f"v_{name.replace('sequencer2d', 'sequencer')}": r(base, mixer="1d", **h2x)}
+
+
+PRESETS.update(_ablations(PRESETS["sequencer2d_1m_28"], "sequencer2d_1m_28"))  # `seqvision experiment ablation`
 
 HUB_IDS = {f"sequencer2d_{s}": f"timm/sequencer2d_{s}.in1k" for s in "sml"}
 

@@ -1,0 +1,98 @@
+"""`transfer`: pretrain on a source dataset, fine-tune on a target with 1%, 10% and 100% of its training labels,
+against training on the target from scratch with the same recipe and epochs; Sequencer and ViT.
+
+Source and target are any datasets `train` takes, each optionally restricted to some of its classes, so one
+dataset split by class (pretrain on Fashion-MNIST's first five classes, transfer to the other five) is a
+source and a target that share no label.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .runner import Cell, mean_sd, provenance, run_cells, write_csv, write_section, cell_metrics
+
+MODELS = ("sequencer2d", "vit")
+BUDGETS = (0.01, 0.1, 1.0)
+
+
+def source_cells(budget: str, size: int, seeds: list[int], source: dict) -> list[Cell]:
+    return [Cell(f"source-{f}_{budget}_{size}-s{s}", {"model": f"{f}_{budget}_{size}", "seed": s, "stage": "source"},
+                 {"model": f"{f}_{budget}_{size}", "seed": s, **source}) for f in MODELS for s in seeds]
+
+
+def target_cells(sources: list[Cell], out: Path, target: dict, budgets) -> list[Cell]:
+    cells = []
+    for src in sources:
+        m, s = src.settings["model"], src.settings["seed"]
+        for b in budgets:
+            for start in ("scratch", "finetune"):
+                extra = {"pretrained": str(out / "cells" / src.id)} if start == "finetune" else {}
+                cells.append(Cell(f"target-{start}-{m}-l{b:g}-s{s}",
+                                  {"model": m, "seed": s, "labels": b, "start": start},
+                                  {"model": m, "seed": s, "train_fraction": b, **target, **extra}))
+    return cells
+
+
+def run(out: Path, base: dict, seeds: list[int], source: dict, target: dict, budget: str = "1m", size: int = 28,
+        budgets=BUDGETS, command: str = "") -> list[dict]:
+    """Pretrain on `source`, then fine-tune and train from scratch on `target` at each label budget.
+
+    Args:
+        out: the experiments folder.
+        base: training settings shared by every cell.
+        seeds: one source run and one target run per seed and setting.
+        source, target: TrainConfig fields naming each dataset: {"data": ..., "classes": ...}.
+        budget, size: the models' parameter budget and input size.
+        budgets: shares of the target's training split.
+    """
+    sources = source_cells(budget, size, seeds, source)
+    run_cells(sources, out, base)
+    todo = target_cells(sources, out, target, list(budgets))
+    folders = run_cells(todo, out, base)
+    rows = [{**c.settings, **cell_metrics(f)} for c, f in zip(todo, folders)]
+    write_csv(rows, out / "transfer" / "results.csv")
+    plot = _plot(rows, out / "transfer" / "accuracy_vs_labels.png")
+    describe = lambda d: d["data"] + (f" (classes {d['classes']})" if d.get("classes") else "")  # noqa: E731
+    lines = ["", *provenance(command, [out / "cells" / c.id for c in sources] + folders), "",
+             f"Source: {describe(source)}. Target: {describe(target)}. Fine-tuned cells start from the source "
+             "run's selected weights with a new head; scratch cells from the reference init; same recipe and "
+             "epochs for both.", "",
+             "| model | target labels | scratch test top-1 (%) | fine-tuned test top-1 (%) | gain |", "|---|---|---|---|---|"]
+    for m in dict.fromkeys(r["model"] for r in rows):
+        for b in budgets:
+            def top(start):
+                return [r["test_top1"] for r in rows if r["model"] == m and r["labels"] == b and r["start"] == start
+                        and r["test_top1"] != ""]
+            gain = _mean(top("finetune")) - _mean(top("scratch"))
+            lines.append(f"| {m} | {b:g} | {mean_sd(top('scratch'))} | {mean_sd(top('finetune'))} | {gain:+.2f} |")
+    lines += ["", f"{len(seeds)} seed(s); mean ± sd over seeds. Test split scored once per run.", "",
+              f"![transfer](transfer/{plot.name})"]
+    write_section(out, "transfer", lines)
+    return rows
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _plot(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in dict.fromkeys(r["model"] for r in rows):
+        for start, style in (("scratch", "--"), ("finetune", "-")):
+            pts = sorted({r["labels"] for r in rows if r["model"] == m})
+            ys = [_mean([r["test_top1"] for r in rows if r["model"] == m and r["labels"] == b and r["start"] == start
+                         and r["test_top1"] != ""]) for b in pts]
+            ax.plot([100 * b for b in pts], ys, style, marker="o", label=f"{m}, {start}")
+    ax.set(xscale="log", xlabel="target training labels used (%)", ylabel="target test top-1 (%)",
+           title="Transfer: fine-tuned vs trained from scratch")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
