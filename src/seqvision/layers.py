@@ -177,6 +177,18 @@ def run_blocks(blocks, x: torch.Tensor, checkpointing: bool = False):
         yield x
 
 
+def prune_after(model: nn.Module, seq: str, indices, prune_norm: bool, prune_head: bool) -> list[int]:
+    """timm's prune_intermediate_layers for a model whose `seq` (blocks, stages) runs in order before a final
+    `norm` and a classifier: keep up to the last index taken; returns the indices taken."""
+    take = take_indices(indices, len(getattr(model, seq)))
+    setattr(model, seq, getattr(model, seq)[:max(take) + 1])
+    if prune_norm:
+        model.norm = nn.Identity()
+    if prune_head:
+        model.reset_classifier(0)
+    return take
+
+
 class TokenClassifier(nn.Module):
     """The module API that ViT and Mixer share: a Linear `head`, a `blocks` sequence, grad checkpointing.
 
@@ -218,10 +230,4 @@ class TokenClassifier(nn.Module):
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
         """Drop the blocks after the last of `indices` (and the final norm and head) for backbone use."""
-        take = take_indices(indices, len(self.blocks))
-        self.blocks = self.blocks[:max(take) + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0)
-        return take
+        return prune_after(self, "blocks", indices, prune_norm, prune_head)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply,
-                      resample_grid, run_blocks, take_indices, to_fmt)
+                      prune_after, resample_grid, run_blocks, take_indices, to_fmt)
 from ..ops import native, recurrence
 from ..ops.inference import cpu_float_eval, linear_add, linear_gelu, scratch
 from ..ops.int8 import Int8Linear
@@ -395,13 +395,7 @@ class Sequencer(nn.Module):
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
         """Drop the stages after the last of `indices` (and the final norm and head) for backbone use."""
-        take = take_indices(indices, len(self.stages))
-        self.stages = self.stages[:max(take) + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0)
-        return take
+        return prune_after(self, "stages", indices, prune_norm, prune_head)
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
