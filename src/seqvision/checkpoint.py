@@ -113,10 +113,9 @@ def locked(run: Path):
             held = True
             remove_orphans(run)
             yield
-            (run / ".lock").unlink()  # still held: nobody else can be inside
     finally:
-        if held and (run / ".lock").exists():  # an exception left it
-            (run / ".lock").unlink()
+        if held:  # removed while still held: nobody else can be inside
+            (run / ".lock").unlink(missing_ok=True)
         if created and not any(run.iterdir()):  # a refused start leaves no folder behind
             run.rmdir()
 

@@ -84,9 +84,9 @@ class TrainConfig:
             setattr(self, k, v)
         for name, (lo, hi, lo_open, hi_open) in RANGES.items():
             v = getattr(self, name)
-            if (v < lo or (lo_open and v == lo)) if lo is not None else False:
-                raise ConfigError(f"--{flag(name)} must be {describe(lo, hi, lo_open, hi_open)}, got {v}")
-            if (v > hi or (hi_open and v == hi)) if hi is not None else False:
+            below = v < lo or (lo_open and v == lo)
+            above = hi is not None and (v > hi or (hi_open and v == hi))
+            if below or above:
                 raise ConfigError(f"--{flag(name)} must be {describe(lo, hi, lo_open, hi_open)}, got {v}")
         if self.cooldown_epochs >= self.epochs:
             raise ConfigError(f"--cooldown-epochs must be below --epochs ({self.epochs}), got {self.cooldown_epochs}")
@@ -113,7 +113,7 @@ class TrainConfig:
         check_model_size(self.model, self.img_size)
 
 
-# (low, high, low excluded, high excluded); None: unbounded. Relations between options are checked apart.
+# (low, high, low excluded, high excluded); high None: unbounded. Relations between options are checked apart.
 RANGES = {
     "epochs": (1, None, False, False), "batch_size": (1, None, False, False), "accum_steps": (1, None, False, False),
     "lr": (0, None, True, False), "weight_decay": (0, None, False, False), "warmup_epochs": (0, None, False, False),
