@@ -97,7 +97,6 @@ def locked(run: Path):
         return
     created = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
-    held = False
     try:
         with open(run / ".lock", "a+") as f:  # closing it releases the lock, as does the process's death
             try:
@@ -110,12 +109,12 @@ def locked(run: Path):
             f.truncate()
             f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
             f.flush()
-            held = True
-            remove_orphans(run)
-            yield
+            try:
+                remove_orphans(run)
+                yield
+            finally:
+                (run / ".lock").unlink(missing_ok=True)  # while still held: nobody else can be inside
     finally:
-        if held:  # removed while still held: nobody else can be inside
-            (run / ".lock").unlink(missing_ok=True)
         if created and not any(run.iterdir()):  # a refused start leaves no folder behind
             run.rmdir()
 
