@@ -78,12 +78,13 @@ def test_hub_folder_round_trip(name, tmp_path):
     assert resolve_data_config(model=back)["input_size"] == (1, 28, 28)
 
 
-def test_plain_timm_loads_a_sequencer_hub_folder(tmp_path):
-    m = _trained("sequencer2d_1m_28")
-    seqvision.save_pretrained(m, tmp_path / "hub", label_names=[str(i) for i in range(10)])
+@pytest.mark.parametrize("name", ["sequencer2d_s", "sequencer2d_1m_28"])
+def test_plain_timm_loads_a_sequencer_hub_folder(name, tmp_path):
+    m = _trained(name)
+    seqvision.save_pretrained(m, tmp_path / "hub", label_names=[str(i) for i in range(m.num_classes)])
     assert json.loads((tmp_path / "hub" / "config.json").read_text())["architecture"] == "sequencer2d_s"
     torch.manual_seed(0)
-    x = torch.randn(2, 1, 28, 28)
+    x = torch.randn(1, m.cfg.in_chans, *m.cfg.img_size)
     torch.save(x, tmp_path / "x.pt")
     code = ("import sys, timm, torch; assert 'seqvision' not in sys.modules; "
             f"m = timm.create_model('local-dir:{tmp_path / 'hub'}', pretrained=True).eval(); "
