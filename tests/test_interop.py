@@ -220,3 +220,15 @@ def test_debian_files_match_the_recorded_checksums():
     from seqvision.data import FASHION_MNIST_SHA256
     for name, want in FASHION_MNIST_SHA256.items():
         assert hashlib.sha256(_idx_bytes(folder / name)).hexdigest() == want
+
+
+def test_hub_folder_of_a_custom_config_rebuilds_it_through_timm(tmp_path):
+    """A model timm has no class for (a GRU Sequencer of a size no preset has) names our entry point with its
+    whole config, so timm.create_model builds that model and not the preset's."""
+    m = seqvision.create_model("gru_sequencer2d_1m_28", hidden_sizes=(16, 24), num_classes=4).eval()
+    m.load_state_dict(random_state_dict(m))
+    seqvision.save_pretrained(m, tmp_path / "hub")
+    t = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    assert t.cfg == m.cfg
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(t(x), m(x), rtol=0, atol=0)

@@ -35,12 +35,13 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, label_names: li
     folder = Path(folder)
     if label_names is not None and len(label_names) != model.num_classes:
         raise WeightsError(f"{len(label_names)} label names for a {model.num_classes}-class model")
-    timm_arch = timm_architecture(model)
-    arch, args = timm_arch or (PREFIX + (getattr(model, "pretrained_name", "") or _any_preset(model)), {})
     seq_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.cfg).items()}
+    # timm's own architecture where it builds this model; else our timm entry point with the whole config
+    arch, args = timm_architecture(model) or (PREFIX + (getattr(model, "pretrained_name", "") or _any_preset(model)),
+                                              seq_cfg)
     config = {"architecture": arch, "num_classes": model.num_classes, "num_features": model.num_features,
               "global_pool": "avg" if model.family != "vit" else "token",
-              "pretrained_cfg": pretrained_cfg(model, data), "model_args": args or {"num_classes": model.num_classes},
+              "pretrained_cfg": pretrained_cfg(model, data), "model_args": args,
               "seqvision": {"family": model.family, "config": seq_cfg, "name": getattr(model, "pretrained_name", "")}}
     if label_names is not None:
         config["label_names"] = list(label_names)

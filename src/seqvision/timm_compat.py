@@ -11,6 +11,7 @@ import dataclasses
 
 from torch import nn
 
+from .fields import checked_values
 from .registry import get_entry, list_models
 
 PREFIX = "seqvision_"
@@ -80,21 +81,37 @@ def _preset_cfg(name: str) -> dict:
             "fixed_input_size": getattr(cfg, "fixed_size", False)}
 
 
+def _weights_file(pretrained_cfg) -> str | bool:
+    """The weights a timm pretrained_cfg points at (a hub folder, local or on the hub), else True (the preset's)."""
+    from .hub import WEIGHTS, hub_folder
+
+    cfg = dataclasses.asdict(pretrained_cfg) if dataclasses.is_dataclass(pretrained_cfg) else dict(pretrained_cfg)
+    if cfg.get("source") == "local-dir" and cfg.get("file"):
+        return str(hub_folder(f"local-dir:{cfg['file']}") / WEIGHTS)
+    if cfg.get("source") == "hf-hub" and cfg.get("hf_hub_id"):
+        return str(hub_folder(f"hf-hub:{cfg['hf_hub_id']}") / WEIGHTS)
+    return True
+
+
 def _entrypoint(name: str):
     fields = {f.name for f in dataclasses.fields(get_entry(name).config)}
 
     def build(pretrained: bool = False, **kwargs):
         from .factory import create_model
 
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args"):
-            kwargs.pop(key, None)  # timm's factory passes these to every entrypoint
+        source = kwargs.pop("pretrained_cfg", None)  # timm's factory passes these to every entrypoint
+        for key in ("pretrained_cfg_overlay", "cache_dir", "pretrained_model_args"):
+            kwargs.pop(key, None)
+        if pretrained and source is not None:  # timm.create_model("local-dir:..." or "hf-hub:...", pretrained=True)
+            pretrained = _weights_file(source)
         if isinstance(kwargs.get("img_size"), int):
             kwargs["img_size"] = (kwargs["img_size"],) * 2
-        known = {k: v for k, v in kwargs.items() if k in fields or k in ("features_only", "out_indices", "output_fmt")}
-        unknown = sorted(set(kwargs) - set(known))
+        backbone = {k: kwargs.pop(k) for k in ("features_only", "out_indices", "output_fmt") if k in kwargs}
+        unknown = sorted(set(kwargs) - fields)
         if unknown:
             raise TypeError(f"{PREFIX}{name}: unknown arguments {unknown} (valid: {', '.join(sorted(fields))})")
-        return create_model(name, pretrained=pretrained or None, **known)
+        config = checked_values(type(get_entry(name).config), kwargs)  # JSON lists (hub model_args) to tuples
+        return create_model(name, pretrained=pretrained or None, **config, **backbone)
 
     build.__name__ = build.__qualname__ = PREFIX + name
     build.__module__ = __name__
