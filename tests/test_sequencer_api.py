@@ -110,6 +110,6 @@ def test_registry_errors():
     with pytest.raises(TypeError, match="num_classes"):
         seqvision.create_model("sequencer2d_s", num_clases=3)
     assert "sequencer2d_l_392" in seqvision.list_models("sequencer2d_l*")
-    assert seqvision.list_models("v_*") == ["v_sequencer_s", "v_sequencer_s_h", "v_sequencer_s_pe"]
+    assert seqvision.list_models("v_sequencer_s*") == ["v_sequencer_s", "v_sequencer_s_h", "v_sequencer_s_pe"]
     with pytest.raises(ValueError, match="without fc"):
         seqvision.create_model("sequencer2d_s", with_fc=False, union="add")
