@@ -73,14 +73,19 @@ def corrupt_image(corrupt, img: np.ndarray, name: str, severity: int) -> np.ndar
     return out.mean(-1).round().astype(np.uint8) if grey else out
 
 
-def test_images(folder: Path, limit: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The first `limit` images of a run's test split (else its validation split) as uint8 arrays, with labels."""
+def test_images(folder: Path, limit: int, seeds: int = 1) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The first `limit` images of a run's test split (else, for one seed, its validation split) as uint8
+    arrays, with labels."""
     from ..checkpoint import load_for_inference
     from ..data import build_datasets
+    from ..errors import ConfigError
 
     _, classes, _, meta = load_for_inference(folder)
     split = json.loads(meta["split"])
     spec = build_datasets(split["data"], split["val_fraction"], split["seed"], classes=split.get("classes", ""))
+    if spec.test is None and seeds > 1:  # each seed holds out other images: one set would score training images
+        raise ConfigError(f"robustness: {split['data']} has no test split for the {seeds} seeds to share; give "
+                          f"it train/ and test/ folders, or run one seed")
     ds = spec.test if spec.test is not None else spec.val
     images, labels = [], []
     for i in range(min(limit, len(ds)) if limit else len(ds)):
@@ -145,7 +150,7 @@ def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int =
     baseline = f"{BASELINE}_{budget}_{size}"
     todo = [c for c in compare_cells(budget, size, seeds, [1.0]) if c.settings["model"] in models + [baseline]]
     folders = run_cells(todo, out, base)  # compare's full-data cells, shared with it
-    clean, labels, _ = test_images(folders[0], images)
+    clean, labels, _ = test_images(folders[0], images, len(seeds))
     sets = corrupted_set(out / "robustness" / "cache", clean, seed=0)
     rows = []
     for cell, folder in zip(todo, folders):
