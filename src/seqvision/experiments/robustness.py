@@ -199,7 +199,7 @@ def _heatmap(ce: dict, path: Path, baseline: str) -> Path:
     models = list(ce)
     cols = list(next(iter(ce.values()))["ce"])
     grid = np.array([[100 * ce[m]["ce"][c] for c in cols] for m in models])
-    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.5 * len(models)))
+    fig, ax = plt.subplots(figsize=(11, 2.4 + 0.5 * len(models)))
     im = ax.imshow(grid, cmap="RdYlGn_r", vmin=min(50, grid.min()), vmax=max(150, grid.max()))
     ax.set_xticks(range(len(cols)), [c.replace("_", " ") for c in cols], rotation=45, ha="right")
     ax.set_yticks(range(len(models)), models)
