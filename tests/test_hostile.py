@@ -97,7 +97,8 @@ def with_tensors(src: Path, dst: Path, edit) -> Path:
 # Flags: refused before anything is built or written ---------------------------------------------------
 
 FLAGS = [
-    (["--keep-ckpts", "-1"], "--keep-ckpts"), (["--max-steps", "-5"], "--max-steps"), (["--smoothing", "2"], "--smoothing"),
+    (["--keep-ckpts", "-1"], "--keep-ckpts"), (["--max-steps", "-5"], "--max-steps"),
+    (["--smoothing", "2"], "--smoothing"),
     (["--cooldown-epochs", "1"], "--cooldown-epochs"), (["--warmup-epochs", "-3"], "--warmup-epochs"),
     (["--mixup", "-1"], "--mixup"), (["--crop-pad", "-5"], "--crop-pad"), (["--ckpt-every", "-1"], "--ckpt-every"),
     (["--img-size", "13"], "--img-size"), (["--val-fraction", "1.5"], "--val-fraction"),
@@ -306,7 +307,8 @@ def test_corrupt_training_image_is_one_line_naming_it(tree, tmp_path, capsys, wo
 
 
 def test_skip_corrupt_skips_bombs_and_broken_files(tree, tmp_path, capsys):
-    data = _corrupt_tree(tree, tmp_path / "data", {"dog/005.png": bomb_png, "cat/001.png": lambda p: p.write_bytes(b"")})
+    data = _corrupt_tree(tree, tmp_path / "data", {"dog/005.png": bomb_png,
+                                                   "cat/001.png": lambda p: p.write_bytes(b"")})
     code, err = cli(capsys, "train", "--data", data, "--output", tmp_path / "out", *TRAIN, "--skip-corrupt")
     assert code == 0, err
     assert (tmp_path / "out" / "best.safetensors").exists()

@@ -24,7 +24,8 @@ def data_cfg(in_chans: int, size: int, data: dict | None = None) -> dict:
     small = size < 64  # seqvision's small-image transform: resize and centre-crop to the size itself
     return {"input_size": (in_chans, size, size), "mean": tuple(data.get("mean", IMAGENET_MEAN))[:in_chans],
             "std": tuple(data.get("std", IMAGENET_STD))[:in_chans], "crop_mode": "center",
-            "crop_pct": 1.0 if small else data.get("crop_pct", 0.875), "interpolation": "bilinear" if small else "bicubic"}
+            "crop_pct": 1.0 if small else data.get("crop_pct", 0.875),
+            "interpolation": "bilinear" if small else "bicubic"}
 
 
 def pretrained_cfg(model: nn.Module, data: dict | None = None) -> dict:

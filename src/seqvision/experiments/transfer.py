@@ -57,7 +57,8 @@ def run(out: Path, base: dict, seeds: list[int], source: dict, target: dict, bud
              f"Source: {describe(source)}. Target: {describe(target)}. Fine-tuned cells start from the source "
              "run's selected weights with a new head; scratch cells from the reference init; same recipe and "
              "epochs for both.", "",
-             "| model | target labels | scratch test top-1 (%) | fine-tuned test top-1 (%) | gain |", "|---|---|---|---|---|"]
+             "| model | target labels | scratch test top-1 (%) | fine-tuned test top-1 (%) | gain |",
+             "|---|---|---|---|---|"]
     for m in dict.fromkeys(r["model"] for r in rows):
         for b in budgets:
             def top(start):
