@@ -4,14 +4,13 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 
 import seqvision
 from seqvision.ops import int8, native
-from seqvision.quantize import Int8Linear, quantize_int8
+from seqvision.quantize import Int8Linear
 from seqvision.train import make_deterministic, process_group_backend
 
 from conftest import random_state_dict
