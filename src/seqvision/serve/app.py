@@ -108,7 +108,8 @@ def create_app(model: Model, max_bytes: int = 8 << 20):
             raise HTTPException(400, "the form holds no file: send the image as a file field, e.g. -F file=@x.png")
         return files
 
-    def tensor(name: str, data: bytes):
+    def decode(name: str, data: bytes):
+        """(image, model input) of an upload; runs in a worker thread so decoding never blocks the event loop."""
         try:
             image = open_image(data)
             return image, model.transform(image)
@@ -137,7 +138,7 @@ def create_app(model: Model, max_bytes: int = 8 << 20):
         files = await uploads(request)
         if len(files) != 1:
             raise HTTPException(400, f"/predict takes one image, got {len(files)}; use /predict/batch")
-        probs = await classify(tensor(*files[0])[1])
+        probs = await classify((await asyncio.to_thread(decode, *files[0]))[1])
         return {"model": model.name, "top": model.top(probs), "latency_ms": round(1e3 * (time.perf_counter() - t0), 2)}
 
     @app.post("/predict/batch")
@@ -145,7 +146,7 @@ def create_app(model: Model, max_bytes: int = 8 << 20):
         """Several images as files of one multipart form: one answer per file, in order."""
         t0 = time.perf_counter()
         files = await uploads(request)
-        xs = [tensor(name, data)[1] for name, data in files]
+        xs = [x for _, x in await asyncio.gather(*(asyncio.to_thread(decode, n, d) for n, d in files))]
         probs = await asyncio.gather(*(classify(x) for x in xs))
         return {"model": model.name, "results": [{"file": n, "top": model.top(p)} for (n, _), p in zip(files, probs)],
                 "latency_ms": round(1e3 * (time.perf_counter() - t0), 2)}
@@ -156,7 +157,7 @@ def create_app(model: Model, max_bytes: int = 8 << 20):
         from .saliency import overlay, saliency
 
         files = await uploads(request)
-        image, x = tensor(*files[0])
+        image, x = await asyncio.to_thread(decode, *files[0])
         if getattr(model.float_model, "int8", False):
             raise HTTPException(400, "this checkpoint holds int8 weights only; saliency needs the float model")
 
