@@ -109,6 +109,18 @@ def test_ablation_quick_table_has_every_variant_with_its_sign(data, out):
     assert "## ablation" in report and "| gru | cell: GRU instead of LSTM |" in report
 
 
+def test_ablation_at_a_training_share_shares_compare_cells_and_takes_one_share(data, tmp_path, capsys):
+    from seqvision.experiments import ablation, compare
+
+    shared = {c.id for c in compare.cells("1m", 28, [0, 1], [0.05])} & {c.id for c in ablation.cells(
+        "sequencer2d_1m_28", [0, 1], 0.05)}
+    assert shared == {"sequencer2d_1m_28-f0.05-s0", "sequencer2d_1m_28-f0.05-s1"}
+    assert all(c.train["train_fraction"] == 0.05 for c in ablation.cells("sequencer2d_1m_28", [0], 0.05))
+    assert cli.main(["experiment", "ablation", "--data", str(data), "--out", str(tmp_path / "o"), "--quick",
+                     "--fractions", "0.1", "0.2"]) == 1
+    assert "--fractions takes one share" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_transfer_quick_and_finetune_starts_from_the_source(data, out):
     from seqvision.config import TrainConfig
     from seqvision.train import build_model

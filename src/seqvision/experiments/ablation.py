@@ -24,19 +24,20 @@ def variant_model(pattern: str, base: str) -> str:
     return pattern.format(base) if not pattern.startswith("v_") else "v_" + base.replace("sequencer2d", "sequencer")
 
 
-def cells(base: str, seeds: list[int]) -> list[Cell]:
-    """Cell ids as `compare`'s full-data cells, so the base model's runs are shared with it."""
-    return [Cell(f"{m}-f1-s{s}", {"variant": v, "model": m, "seed": s}, {"model": m, "seed": s})
+def cells(base: str, seeds: list[int], fraction: float = 1.0) -> list[Cell]:
+    """Cell ids as `compare`'s cells of the same training share, so the base model's runs are shared with it."""
+    return [Cell(f"{m}-f{fraction:g}-s{s}", {"variant": v, "model": m, "seed": s, "fraction": fraction},
+                 {"model": m, "seed": s, "train_fraction": fraction})
             for v, _, p in VARIANTS for m in [variant_model(p, base)] for s in seeds]
 
 
 def run(out: Path, base_settings: dict, seeds: list[int], base: str = "sequencer2d_1m_28", command: str = "",
-        speed_batch: int = 64) -> list[dict]:
+        speed_batch: int = 64, fraction: float = 1.0) -> list[dict]:
     """Train every variant over `seeds`, write results.csv, a plot and the report section; returns the rows."""
     from .. import create_model
     from ..flops import count_params
 
-    todo = cells(base, seeds)
+    todo = cells(base, seeds, fraction)
     folders = run_cells(todo, out, base_settings)
     speed = {}
     rows = []
@@ -50,7 +51,8 @@ def run(out: Path, base_settings: dict, seeds: list[int], base: str = "sequencer
     table, effects = summary(rows, seeds)
     plot = _plot(effects, out / "ablation" / "effects.png")
     lines = ["", *provenance(command, folders), "",
-             f"Variants of `{base}`; effect = variant's mean test top-1 minus the base's (percentage points). "
+             f"Variants of `{base}` trained on {fraction:.0%} of the training split; effect = variant's mean test "
+             "top-1 minus the base's (percentage points). "
              "The paper found every variant worse than the base design (effect < 0).", "",
              "| variant | change | params | inference img/s | test top-1 (%) | effect | paper | agrees |",
              "|---|---|---|---|---|---|---|---|", *table, "",
