@@ -235,12 +235,12 @@ def open_image(src: str | os.PathLike | bytes, hint: str = "") -> Image.Image:
             with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
                 w, h = im.size
                 if w * h > (Image.MAX_IMAGE_PIXELS or float("inf")):
-                    raise Image.DecompressionBombError(f"{w}x{h} pixels")
+                    raise Image.DecompressionBombError(f"{w}x{h} = {w * h:,} pixels, above the limit of "
+                                                       f"{Image.MAX_IMAGE_PIXELS:,}")
                 im.load()
                 return _to_8bit(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"{name}: refused, a possible decompression bomb ({e}; the limit is "
-                        f"{Image.MAX_IMAGE_PIXELS:,} pixels){hint}") from None
+        raise DataError(f"{name}: refused, a possible decompression bomb ({e}){hint}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         empty = src == b"" if isinstance(src, bytes) else os.path.isfile(src) and os.path.getsize(src) == 0
         why = "zero bytes" if empty else "not an image format PIL can identify" \
