@@ -1,10 +1,18 @@
 import pytest
 import torch
 
+from helpers_data import write_image_tree
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """A small class-folder dataset of generated images."""
+    return write_image_tree(tmp_path_factory.mktemp("data") / "tree")
 
 
 def random_state_dict(model: torch.nn.Module, scale: float = 0.05) -> dict:

@@ -38,11 +38,6 @@ TRAIN = ["--model", "sequencer2d_300k_28", "--batch-size", "16", "--workers", "0
 # Fixtures and helpers ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    return write_image_tree(tmp_path_factory.mktemp("data") / "tree")
-
-
-@pytest.fixture(scope="module")
 def run(tree, tmp_path_factory):
     """A finished tiny run folder (best.safetensors, two checkpoints kept)."""
     folder = tmp_path_factory.mktemp("runs") / "run"

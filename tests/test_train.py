@@ -33,11 +33,6 @@ def weights(run: Path, name: str = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    return write_image_tree(tmp_path_factory.mktemp("data") / "tree")
-
-
-@pytest.fixture(scope="module")
 def trained_run(tree, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "run"
     cfg = TrainConfig(data=str(tree), output=str(run), epochs=2, val_fraction=0.25, **TINY)
