@@ -232,3 +232,15 @@ def test_hub_folder_of_a_custom_config_rebuilds_it_through_timm(tmp_path):
     assert t.cfg == m.cfg
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(t(x), m(x), rtol=0, atol=0)
+
+
+def test_version_is_the_projects(capsys):
+    import re
+    from pathlib import Path
+
+    from seqvision import cli
+
+    want = re.search(r'^version = "(.+)"$', (Path(__file__).parents[1] / "pyproject.toml").read_text(), re.M)[1]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"seqvision {want}"

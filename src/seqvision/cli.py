@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sequencer (deep LSTMs for image classification), ViT and MLP-Mixer: list models, "
                     "convert weights, train, validate, predict and benchmark.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"seqvision {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("models", help="list registered models with parameters and GMACs",
