@@ -72,7 +72,8 @@ def _plots(rows: list[dict], folder: Path) -> list[Path]:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=model)
             for px, py, f in pts:
                 ax.annotate(f"{f:g}", (px, py), fontsize=7, textcoords="offset points", xytext=(3, 3))
-        ax.set(xlabel=label, ylabel="test top-1 (%)", title=f"Test accuracy against {label} (labels: train share)")
+        ax.set(xlabel=label, ylabel="test top-1 (%)",
+               title=f"Test accuracy against {label}\n(point labels: share of the training split)")
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = folder / f"{name}.png"
