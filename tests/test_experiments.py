@@ -121,6 +121,19 @@ def test_ablation_at_a_training_share_shares_compare_cells_and_takes_one_share(d
     assert "--fractions takes one share" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+def test_ablation_effect_agrees_only_beyond_the_seeds_noise():
+    from seqvision.experiments.ablation import VARIANTS, summary
+
+    tops = {"base": [80, 81, 82], "gru": [79, 80, 81.5], "rnn": [70, 71, 72], "add": [85, 86, 87]}
+    rows = [{"variant": v, "params": 1, "infer_img_per_s": 1.0, "test_top1": tops.get(v, [80, 81, 82])[s]}
+            for v, _, _ in VARIANTS for s in range(3)]
+    lines, effects = summary(rows, [0, 1, 2])
+    agrees = {line.split(" | ")[0][2:]: line.rstrip(" |").split(" | ")[-1] for line in lines}
+    assert agrees["gru"] == agrees["without_fc"] == "within noise"  # -0.5 and 0 against an sd of about 1.4
+    assert agrees["rnn"] == "yes" and agrees["add"] == "no"
+    assert dict((v, round(e, 2)) for v, e, _ in effects)["rnn"] == -10.0
+
+
 def test_transfer_quick_and_finetune_starts_from_the_source(data, out):
     from seqvision.config import TrainConfig
     from seqvision.train import build_model

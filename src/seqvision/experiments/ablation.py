@@ -53,7 +53,9 @@ def run(out: Path, base_settings: dict, seeds: list[int], base: str = "sequencer
     lines = ["", *provenance(command, folders), "",
              f"Variants of `{base}` trained on {fraction:.0%} of the training split; effect = variant's mean test "
              "top-1 minus the base's (percentage points). "
-             "The paper found every variant worse than the base design (effect < 0).", "",
+             "The paper found every variant worse than the base design (effect < 0). Agrees: the sign matches the "
+             "paper's and the effect is larger than the sd of the difference (sqrt(sd_base² + sd_variant²)); "
+             "within noise: it is not.", "",
              "| variant | change | params | inference img/s | test top-1 (%) | effect | paper | agrees |",
              "|---|---|---|---|---|---|---|---|", *table, "",
              f"{len(seeds)} seed(s) per variant; mean ± sd over seeds. Weights chosen on the validation split, "
@@ -69,19 +71,22 @@ def summary(rows: list[dict], seeds: list[int]) -> tuple[list[str], list[tuple[s
 
     def tops(v):
         return [r["test_top1"] for r in rows if r["variant"] == v and r["test_top1"] != ""]
+
+    def sd(t):
+        return statistics.stdev(t) if len(t) > 1 else 0.0
     base = statistics.mean(tops("base")) if tops("base") else float("nan")
     lines, effects = [], []
     for v, change, _ in VARIANTS:
         rs = [r for r in rows if r["variant"] == v]
         t = tops(v)
         effect = statistics.mean(t) - base if t else float("nan")
-        sd = statistics.stdev(t) if len(t) > 1 else 0.0
+        noise = (sd(t) ** 2 + sd(tops("base")) ** 2) ** 0.5  # sd of the difference; 0 with one seed
         paper, ours = ("", "") if v == "base" else ("-", "+" if effect > 0 else "-")
-        agree = "" if v == "base" else ("yes" if ours == paper else "no")
+        agree = "" if v == "base" else "within noise" if abs(effect) <= noise else "yes" if ours == paper else "no"
         lines.append(f"| {v} | {change} | {rs[0]['params']:,} | {rs[0]['infer_img_per_s']:.0f} | {mean_sd(t)} | "
                      f"{'' if v == 'base' else f'{effect:+.2f}'} | {paper} | {agree} |")
         if v != "base":
-            effects.append((v, effect, sd))
+            effects.append((v, effect, sd(t)))
     return lines, effects
 
 
