@@ -89,9 +89,9 @@ def test_plain_timm_loads_a_sequencer_hub_folder(name, tmp_path):
     code = ("import sys, timm, torch; assert 'seqvision' not in sys.modules; "
             f"m = timm.create_model('local-dir:{tmp_path / 'hub'}', pretrained=True).eval(); "
             "assert 'seqvision' not in sys.modules and type(m).__module__ == 'timm.models.sequencer'; "
-            f"torch.save(m(torch.load('{tmp_path / 'x.pt'}')), '{tmp_path / 'y.pt'}')")
+            f"torch.save(m(torch.load('{tmp_path / 'x.pt'}', weights_only=True)), '{tmp_path / 'y.pt'}')")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), m(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt", weights_only=True), m(x), rtol=1e-4, atol=1e-5)
 
 
 def test_hf_hub_name_reads_a_hub_shaped_cache_offline(tmp_path):
@@ -104,10 +104,10 @@ def test_hf_hub_name_reads_a_hub_shaped_cache_offline(tmp_path):
     x = torch.randn(2, 1, 28, 28)
     torch.save(x, tmp_path / "x.pt")
     code = ("import torch, seqvision; m = seqvision.create_model('hf-hub:someone/tiny-vit').eval(); "
-            f"torch.save(m(torch.load('{tmp_path / 'x.pt'}')), '{tmp_path / 'y.pt'}')")
+            f"torch.save(m(torch.load('{tmp_path / 'x.pt'}', weights_only=True)), '{tmp_path / 'y.pt'}')")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), m(x), rtol=0, atol=0)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt", weights_only=True), m(x), rtol=0, atol=0)
 
 
 def test_train_writes_a_hub_folder_for_its_best_weights(tmp_path):
