@@ -74,13 +74,14 @@ def summary(rows: list[dict], seeds: list[int]) -> tuple[list[str], list[tuple[s
 
     def sd(t):
         return statistics.stdev(t) if len(t) > 1 else 0.0
-    base = statistics.mean(tops("base")) if tops("base") else float("nan")
+    base_t = tops("base")
+    base = statistics.mean(base_t) if base_t else float("nan")
     lines, effects = [], []
     for v, change, _ in VARIANTS:
         rs = [r for r in rows if r["variant"] == v]
         t = tops(v)
         effect = statistics.mean(t) - base if t else float("nan")
-        noise = (sd(t) ** 2 + sd(tops("base")) ** 2) ** 0.5  # sd of the difference; 0 with one seed
+        noise = (sd(t) ** 2 + sd(base_t) ** 2) ** 0.5  # sd of the difference; 0 with one seed
         paper, ours = ("", "") if v == "base" else ("-", "+" if effect > 0 else "-")
         agree = "" if v == "base" else "within noise" if abs(effect) <= noise else "yes" if ours == paper else "no"
         lines.append(f"| {v} | {change} | {rs[0]['params']:,} | {rs[0]['infer_img_per_s']:.0f} | {mean_sd(t)} | "
