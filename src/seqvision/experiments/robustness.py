@@ -144,12 +144,13 @@ def error_rates(folder: Path, clean: np.ndarray, labels: np.ndarray, sets: dict)
 
 
 def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int = 28, images: int = 2000,
-        command: str = "") -> list[dict]:
-    """Corruption error per model, corruption and severity; CE and mCE against the baseline; a heat map."""
+        command: str = "", fraction: float = 1.0) -> list[dict]:
+    """Corruption error per model, corruption and severity; CE and mCE against the baseline; a heat map.
+    The models are `compare`'s cells trained on `fraction` of the training split, shared with it."""
     models = [f"{f}_{budget}_{size}" for f in FAMILIES]
     baseline = f"{BASELINE}_{budget}_{size}"
-    todo = [c for c in compare_cells(budget, size, seeds, [1.0]) if c.settings["model"] in models + [baseline]]
-    folders = run_cells(todo, out, base)  # compare's full-data cells, shared with it
+    todo = [c for c in compare_cells(budget, size, seeds, [fraction]) if c.settings["model"] in models + [baseline]]
+    folders = run_cells(todo, out, base)
     clean, labels, _ = test_images(folders[0], images, len(seeds))
     sets = corrupted_set(out / "robustness" / "cache", clean, seed=0)
     rows = []
@@ -161,6 +162,7 @@ def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int =
     ce = corruption_errors(rows, baseline)
     plot = _heatmap(ce, out / "robustness" / "ce_heatmap.png", baseline)
     lines = ["", *provenance(command, folders), "",
+             f"Models trained on {fraction:.0%} of the training split. "
              f"The first {len(clean)} test images under ImageNet-C's fifteen corruptions at severities 1-5 "
              f"(`imagecorruptions`; see the experiment's docstring for the 32-pixel padding and the two wrapped "
              f"functions). CE = a model's error summed over severities / {baseline}'s (the baseline in AlexNet's "
