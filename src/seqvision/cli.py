@@ -427,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=at_least(0), default=0, help="epochs per cell (default: the small recipe's)")
     p.add_argument("--budget", choices=["1m", "5m"], default="1m", help="parameter budget of the models")
     p.add_argument("--fractions", type=float, nargs="+", default=None,
-                   help="shares of the training split: compare runs each (default 0.05 0.2 1); ablation, "
-                        "robustness and transfer's source runs take one (default 1)")
+                   help="shares of the training split: compare runs each (default 0.05 0.2 1); the others take "
+                        "one (default 1) and share compare's cells of it (transfer: its source runs)")
     p.add_argument("--source", default="", help="transfer: pretraining data (default: --data)")
     p.add_argument("--source-classes", default="", help="transfer: the source's classes, comma-separated names or "
                                                          "indices (default with one dataset: its first half)")

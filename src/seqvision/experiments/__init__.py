@@ -31,8 +31,8 @@ def run(name: str, out: str | Path, data: str = "fashion-mnist", data_root: str 
 
     `source`/`target` (transfer) default to `data` split by class: the first half of its classes, then the rest.
     `images` (robustness) is how many test images are corrupted. `fractions` are shares of the training split:
-    compare runs each (default 5%, 20% and 100%); ablation, robustness and transfer (its source runs) take one
-    (default 100%).
+    compare runs each (default 5%, 20% and 100%); the others take one (default 100%), and use compare's cells of
+    that share (transfer: as its source runs).
     """
     from . import ablation, compare, erf, resolution, robustness, transfer
 
@@ -41,7 +41,7 @@ def run(name: str, out: str | Path, data: str = "fashion-mnist", data_root: str 
         raise ConfigError(f"unknown experiment {name!r} (one of {', '.join(EXPERIMENTS)})")
     out, seeds = Path(out), list(seeds)
     base = base_settings(data, data_root, epochs, quick)
-    if name in ("ablation", "robustness", "transfer") and fractions and len(fractions) != 1:
+    if name != "compare" and fractions and len(fractions) != 1:
         from ..errors import ConfigError
         raise ConfigError(f"{name}: --fractions takes one share of the training split, got {len(fractions)}: "
                           f"{' '.join(map(str, fractions))}")
@@ -51,7 +51,7 @@ def run(name: str, out: str | Path, data: str = "fashion-mnist", data_root: str 
     if name == "compare":
         return compare.run(out, base, seeds, list(fractions or (0.05, 0.2, 1.0)), budget, command=command)
     if name == "resolution":
-        return resolution.run(out, base, seeds, budget, limit=64 if quick else 0, command=command)
+        return resolution.run(out, base, seeds, budget, limit=64 if quick else 0, command=command, fraction=share)
     if name == "ablation":
         return ablation.run(out, base, seeds, "sequencer2d_1m_28", command=command,  # its ablations are presets
                             speed_batch=8 if quick else 64, fraction=share)
@@ -62,7 +62,7 @@ def run(name: str, out: str | Path, data: str = "fashion-mnist", data_root: str 
     if name == "robustness":
         return robustness.run(out, base, seeds, budget, images=64 if quick else images, command=command,
                               fraction=share)
-    return erf.run(out, base, seeds, budget, images=8 if quick else 64, command=command)
+    return erf.run(out, base, seeds, budget, images=8 if quick else 64, command=command, fraction=share)
 
 
 def class_halves(source: str, source_classes: str, target: str, target_classes: str, data_root: str

@@ -44,13 +44,14 @@ def intermediates(model) -> list[int]:
 
 
 def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int = 28, images: int = 64,
-        command: str = "") -> list[dict]:
-    """ERF maps of `compare`'s full-data models (seed `seeds[0]`) and of the same models untrained."""
+        command: str = "", fraction: float = 1.0) -> list[dict]:
+    """ERF maps of `compare`'s models trained on `fraction` of the training split (seed `seeds[0]`) and of the
+    same models untrained."""
     from ..checkpoint import load_for_inference
     from ..data import Seeded, build_datasets, build_transform
     from ..registry import build_model
 
-    todo = compare_cells(budget, size, seeds[:1], [1.0])
+    todo = compare_cells(budget, size, seeds[:1], [fraction])
     folders = run_cells(todo, out, base)
     spec = build_datasets(base["data"], base.get("val_fraction", 0.1), seeds[0],
                           data_root=base.get("data_root") or None)
@@ -71,7 +72,8 @@ def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int =
                              "half_mass_area": round(half_mass_area(m), 4)})
     write_csv(rows, out / "erf" / "results.csv")
     plot = _grid(maps, out / "erf" / "erf_maps.png")
-    lines = ["", *provenance(command, folders), "", __doc__.split("\n\n", 1)[1].strip(), "",
+    lines = ["", *provenance(command, folders), "", __doc__.split("\n\n", 1)[1].strip(),
+             f"Trained models: seed {seeds[0]}, {fraction:.0%} of the training split.", "",
              "| model | state | intermediate | share of area holding 50% of the mass |", "|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['state']} | {r['index']} | {r['half_mass_area']:.3f} |" for r in rows]
     lines += ["", f"![ERF maps](erf/{plot.name})"]

@@ -46,15 +46,16 @@ def score_at(folder: Path, sizes, limit: int = 0) -> list[dict]:
 
 
 def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int = 28, sizes=SIZES, limit: int = 0,
-        command: str = "") -> list[dict]:
-    """Train (or reuse `compare`'s full-data runs), score each at every size, write the table, plot and report."""
-    todo = compare_cells(budget, size, seeds, [1.0])  # the same cells as compare's: trained once for both
+        command: str = "", fraction: float = 1.0) -> list[dict]:
+    """Train (or reuse `compare`'s runs on `fraction` of the training split), score each at every size, write
+    the table, plot and report."""
+    todo = compare_cells(budget, size, seeds, [fraction])  # the same cells as compare's: trained once for both
     folders = run_cells(todo, out, base)
     rows = [{**cell.settings, **r} for cell, folder in zip(todo, folders) for r in score_at(folder, sizes, limit)]
     write_csv(rows, out / "resolution" / "results.csv")
     plot = _plot(rows, out / "resolution" / "accuracy_vs_resolution.png")
     lines = ["", *provenance(command, folders), "", "Test top-1 (%) of models trained at "
-             f"{size} px, evaluated without fine-tuning; a side that is not a multiple of the model's patch stride "
+             f"{size} px on {fraction:.0%} of the training split, evaluated without fine-tuning; a side that is not a multiple of the model's patch stride "
              "is scored at the largest multiple below it (the `effective` column of results.csv).", "",
              "| model | " + " | ".join(f"{s} px" for s in sizes) + f" | drop at 2x ({size} -> {2 * size} px) |",
              "|---|" + "---|" * (len(sizes) + 1)]
