@@ -160,7 +160,7 @@ def test_transfer_quick_and_finetune_starts_from_the_source(data, out):
 def test_transfer_from_the_whole_data_reuses_compare_cells_and_fits_small_budgets(data, out, tmp_path):
     import json
 
-    from seqvision.experiments.transfer import target_batch
+    from seqvision.experiments.transfer import target_batch, target_schedule
 
     target = tmp_path / "target"
     write_image_tree(target / "train", per_class=12, seed=2)
@@ -173,8 +173,10 @@ def test_transfer_from_the_whole_data_reuses_compare_cells_and_fits_small_budget
     run = json.loads(next((out / "cells").glob("target-target-*-finetune-vit_1m_28-l1-s0")).joinpath("run.json")
                      .read_text())
     assert run["train"]["pretrained"] == str(out / "cells" / "vit_1m_28-f1-s0")
-    # 1% of 3,600 images would make no batch of 128: the batch halves until an epoch has four steps
+    # 1% of 3,600 images would make no batch of 128: the batch halves until an epoch has four steps, and the
+    # epochs rise until the cell makes the 280 steps of the whole target's run
     assert [target_batch(n, 128) for n in (36, 360, 3600, 5)] == [8, 64, 128, 8]
+    assert target_schedule(3600, 128, 10, (0.01, 0.1, 1.0)) == {0.01: (8, 70), 0.1: (64, 56), 1.0: (128, 10)}
 
 
 def test_robustness_quick_caches_the_corrupted_set(data, out, monkeypatch):

@@ -55,8 +55,9 @@ def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int =
     write_csv(rows, out / "resolution" / "results.csv")
     plot = _plot(rows, out / "resolution" / "accuracy_vs_resolution.png")
     lines = ["", *provenance(command, folders), "", "Test top-1 (%) of models trained at "
-             f"{size} px on {fraction:.0%} of the training split, evaluated without fine-tuning; a side that is not a multiple of the model's patch stride "
-             "is scored at the largest multiple below it (the `effective` column of results.csv).", "",
+             f"{size} px on {fraction:.0%} of the training split, evaluated without fine-tuning; a side that is "
+             "not a multiple of the model's patch stride is scored at the largest multiple below it (the "
+             "`effective` column of results.csv).", "",
              "| model | " + " | ".join(f"{s} px" for s in sizes) + f" | drop at 2x ({size} -> {2 * size} px) |",
              "|---|" + "---|" * (len(sizes) + 1)]
     for m in models(budget, size):

@@ -1,14 +1,15 @@
 """`transfer`: pretrain on a source dataset, fine-tune on a target with 1%, 10% and 100% of its training labels,
-against training on the target from scratch with the same recipe and epochs; Sequencer and ViT.
+against training on the target from scratch with the same recipe and budget; Sequencer and ViT.
 
 Source and target are any datasets `train` takes, each optionally restricted to some of its classes, so one
 dataset split by class (pretrain on Fashion-MNIST's first five classes, transfer to the other five) is a
 source and a target that share no label. A source that is the experiment's whole `--data` trained on a share
 of it is `compare`'s cell of that share, shared with it.
 
-A label budget too small for the recipe's batch would make no step: a target cell's batch is halved (down to
-8) until an epoch holds at least four steps, for the fine-tuned and the scratch cell alike, and the table
-says which batch each budget ran with.
+A label budget too small for the recipe's batch would make no step, and with the recipe's epochs a few
+dozen: a target cell's batch is halved (down to 8) until an epoch holds at least four steps, and its epochs
+are raised until it makes as many optimizer steps as the run on the whole target, for the fine-tuned and the
+scratch cell alike. The table says which batch and epochs each budget ran with.
 """
 from __future__ import annotations
 
@@ -53,16 +54,30 @@ def target_tag(source: dict, fraction: float, target: dict) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", Path(target["data"]).name).strip("-") + "-" + digest
 
 
-def target_cells(sources: list[Cell], out: Path, target: dict, budgets, batches: dict, tag: str) -> list[Cell]:
+def target_schedule(images: int, batch: int, epochs: int, budgets) -> dict[float, tuple[int, int]]:
+    """(batch, epochs) per label budget of a target with `images` training images: `target_batch`, and the
+    epochs that give at least the optimizer steps of the whole target at the recipe's batch and epochs."""
+    steps = epochs * (images // batch)
+    plan = {}
+    for b in budgets:
+        n = round(images * b)
+        bb = target_batch(n, batch)
+        plan[b] = (bb, max(epochs, -(-steps // max(1, n // bb))))
+    return plan
+
+
+def target_cells(sources: list[Cell], out: Path, target: dict, plan: dict, epochs: int, tag: str) -> list[Cell]:
+    """A scratch and a fine-tuned cell per source run and label budget; ids name the epochs where the plan
+    raised them."""
     cells = []
     for src in sources:
         m, s = src.settings["model"], src.settings["seed"]
-        for b in budgets:
+        for b, (batch, ep) in plan.items():
             for start in ("scratch", "finetune"):
                 extra = {"pretrained": str(out / "cells" / src.id)} if start == "finetune" else {}
-                cells.append(Cell(f"target-{tag}-{start}-{m}-l{b:g}-s{s}",
-                                  {"model": m, "seed": s, "labels": b, "start": start, "batch": batches[b]},
-                                  {"model": m, "seed": s, "train_fraction": b, "batch_size": batches[b],
+                cells.append(Cell(f"target-{tag}-{start}-{m}-l{b:g}{f'-e{ep}' if ep != epochs else ''}-s{s}",
+                                  {"model": m, "seed": s, "labels": b, "start": start, "batch": batch},
+                                  {"model": m, "seed": s, "train_fraction": b, "batch_size": batch, "epochs": ep,
                                    **target, **extra}))
     return cells
 
@@ -88,8 +103,9 @@ def run(out: Path, base: dict, seeds: list[int], source: dict, target: dict, bud
     run_cells(sources, out, base)
     images = len(build_datasets(target["data"], base.get("val_fraction", 0.1), 0, data_root=base.get("data_root")
                                 or None, classes=target.get("classes", "")).train)
-    batches = {b: target_batch(int(images * b), base.get("batch_size", TrainConfig.batch_size)) for b in budgets}
-    todo = target_cells(sources, out, target, list(budgets), batches, target_tag(source, fraction, target))
+    epochs = base.get("epochs", TrainConfig.epochs)
+    plan = target_schedule(images, base.get("batch_size", TrainConfig.batch_size), epochs, budgets)
+    todo = target_cells(sources, out, target, plan, epochs, target_tag(source, fraction, target))
     folders = run_cells(todo, out, base)
     rows = [{**c.settings, **cell_metrics(f)} for c, f in zip(todo, folders)]
     write_csv(rows, out / "transfer" / "results.csv")
@@ -98,8 +114,8 @@ def run(out: Path, base: dict, seeds: list[int], source: dict, target: dict, bud
     lines = ["", *provenance(command, [out / "cells" / c.id for c in sources] + folders), "",
              f"Source: {describe(source)}, {fraction:.0%} of its training split. Target: {describe(target)}, "
              f"{images:,} training images. Fine-tuned cells start from the source run's selected weights with a "
-             "new head; scratch cells from the reference init; same recipe, epochs and batch for both.", "",
-             "| model | target labels | batch | scratch test top-1 (%) | fine-tuned test top-1 (%) | gain |",
+             "new head; scratch cells from the reference init; same recipe, batch and epochs for both.", "",
+             "| model | target labels | batch x epochs | scratch test top-1 (%) | fine-tuned test top-1 (%) | gain |",
              "|---|---|---|---|---|---|"]
     for m in dict.fromkeys(r["model"] for r in rows):
         for b in budgets:
@@ -107,7 +123,8 @@ def run(out: Path, base: dict, seeds: list[int], source: dict, target: dict, bud
                 return [r["test_top1"] for r in rows if r["model"] == m and r["labels"] == b and r["start"] == start
                         and r["test_top1"] != ""]
             gain = _mean(top("finetune")) - _mean(top("scratch"))
-            lines.append(f"| {m} | {b:g} | {batches[b]} | {mean_sd(top('scratch'))} | {mean_sd(top('finetune'))} | "
+            lines.append(f"| {m} | {b:g} | {plan[b][0]} x {plan[b][1]} | {mean_sd(top('scratch'))} | "
+                         f"{mean_sd(top('finetune'))} | "
                          f"{gain:+.2f} |")
     lines += ["", f"{len(seeds)} seed(s); mean ± sd over seeds. Test split scored once per run.", "",
               f"![transfer](transfer/{plot.name})"]
