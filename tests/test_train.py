@@ -161,6 +161,23 @@ def test_fine_tuning_from_a_run_with_other_classes(trained_run, tmp_path):
     assert json.loads((run / "run.json").read_text())["train"]["pretrained"] == str(trained_run)
 
 
+def test_fine_tuning_to_as_many_other_classes_starts_a_fresh_head(trained_run):
+    from seqvision.train import build_model
+
+    src = load_file(trained_run / "best.safetensors")
+    classes = json.loads((trained_run / "run.json").read_text())["classes"]
+    cfg = TrainConfig(pretrained=str(trained_run), **TINY)
+    torch.manual_seed(0)
+    fresh = build_model(TrainConfig(**TINY), [f"other{i}" for i in classes]).state_dict()
+    torch.manual_seed(0)
+    other = build_model(cfg, [f"other{i}" for i in classes]).state_dict()  # same count, other names
+    same = build_model(cfg, classes).state_dict()
+    assert not torch.equal(src["head.fc.weight"], fresh["head.fc.weight"])
+    for k, v in src.items():
+        assert torch.equal(same[k], v), k
+        assert torch.equal(other[k], fresh[k] if k.startswith("head.") else v), k
+
+
 @pytest.mark.parametrize("flag,value,match", [
     ("keep_ckpts", -1, "--keep-ckpts must be at least 1"), ("keep_ckpts", 0, "--keep-ckpts"),
     ("max_steps", -5, "--max-steps must be at least 0, got -5"), ("smoothing", 2.0, r"--smoothing must be in \[0, 1\)"),
