@@ -181,6 +181,8 @@ def test_transfer_from_the_whole_data_reuses_compare_cells_and_fits_small_budget
 
 def test_robustness_quick_caches_the_corrupted_set(data, out, monkeypatch):
     needs_imagecorruptions()
+    import numpy as np
+
     from seqvision.experiments import robustness
 
     assert cli.main(["experiment", "robustness", "--data", str(data), "--out", str(out), "--quick"]) == 0
@@ -193,6 +195,9 @@ def test_robustness_quick_caches_the_corrupted_set(data, out, monkeypatch):
     monkeypatch.setattr(robustness, "corruptions", lambda: pytest.fail("the cached set is reused"))
     assert cli.main(["experiment", "robustness", "--data", str(data), "--out", str(out), "--quick"]) == 0
     assert {p: p.stat().st_mtime_ns for p in cache} == stamp
+    fewer = robustness.corrupted_set(out / "robustness" / "cache", np.zeros((10, 28, 28), np.uint8), seed=0)
+    assert all(np.array_equal(v, np.load(out / "robustness" / "cache" / f"{c}-{s}.npy")[:10])
+               for (c, s), v in fewer.items())  # a smaller set is the cached one's first rows
     report = (out / "report.md").read_text()
     assert "## robustness" in report and "| resnet_1m_28 |" in report and "100.0 |" in report  # the baseline's mCE
     assert (out / "robustness" / "ce_heatmap.png").stat().st_size > 1000

@@ -110,7 +110,9 @@ def corrupted_set(cache: Path, images: np.ndarray, seed: int) -> dict[tuple[str,
     todo = [(c, s) for c in CORRUPTIONS if c not in NOT_APPLICABLE for s in range(1, 6)]
     for c, s in tqdm(todo, desc="corrupting", unit="set", dynamic_ncols=True):
         path = cache / f"{c}-{s}.npy"
-        if not path.exists():
+        # image i's corruption depends on (seed, corruption, severity, i) only, so a longer cached set holds
+        # this one as its first rows
+        if not path.exists() or len(np.load(path, mmap_mode="r")) < len(images):
             corrupt = corrupt or corruptions()
             sets = []
             for i, img in enumerate(images):
@@ -119,7 +121,7 @@ def corrupted_set(cache: Path, images: np.ndarray, seed: int) -> dict[tuple[str,
             tmp = path.with_suffix(".tmp.npy")
             np.save(tmp, np.stack(sets))
             tmp.replace(path)
-        out[(c, s)] = np.load(path)
+        out[(c, s)] = np.load(path)[:len(images)]
     return out
 
 
