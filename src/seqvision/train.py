@@ -130,8 +130,12 @@ def build_model(cfg: TrainConfig, classes: list[str]) -> torch.nn.Module:
     if cfg.pretrained:
         path = resolve_weights(cfg.pretrained)
         sd = read_state_dict(path)
-        recorded = read_metadata(path).get("classes") if path.suffix == ".safetensors" else None
-        if recorded is not None and json.loads(recorded) != list(classes):
+        recorded = read_metadata(path).get("classes", "null") if path.suffix == ".safetensors" else "null"
+        try:
+            recorded = json.loads(recorded)
+        except ValueError:  # untrusted metadata: unreadable classes say nothing
+            recorded = None
+        if isinstance(recorded, list) and recorded != list(classes):
             # as many classes but other ones (clothes -> digits): the head is not theirs to keep
             head = (classifier_key(model) or "head.weight").rsplit(".", 1)[0] + "."
             sd = {k: v for k, v in sd.items() if not k.startswith(head)}
