@@ -21,8 +21,7 @@ from .config import TrainConfig, resume_differences, run_folder, saved_config
 from .data import DataError, Seeded, build_datasets, build_transform, held_out
 from .engine import NonFiniteLoss, evaluate, optimizer_step, seed_step, train_micro_step
 from .errors import ConfigError, require
-from .weights import (atomic_write, classifier_key, load_model, load_state_dict, read_metadata,
-                      read_state_dict, save_model)
+from .weights import atomic_write, load_model, load_state_dict, load_weights, save_model
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -128,18 +127,7 @@ def build_model(cfg: TrainConfig, classes: list[str]) -> torch.nn.Module:
     adapted to other channels, a ViT's position grid resampled), its backbone frozen for linear probing."""
     model = create_model(cfg.model, num_classes=len(classes), drop_path_rate=cfg.drop_path)
     if cfg.pretrained:
-        path = resolve_weights(cfg.pretrained)
-        sd = read_state_dict(path)
-        recorded = read_metadata(path).get("classes", "null") if path.suffix == ".safetensors" else "null"
-        try:
-            recorded = json.loads(recorded)
-        except ValueError:  # untrusted metadata: unreadable classes say nothing
-            recorded = None
-        if isinstance(recorded, list) and recorded != list(classes):
-            # as many classes but other ones (clothes -> digits): the head is not theirs to keep
-            head = (classifier_key(model) or "head.weight").rsplit(".", 1)[0] + "."
-            sd = {k: v for k, v in sd.items() if not k.startswith(head)}
-        load_state_dict(model, sd, source=str(path), drop_head=True, adapt_in_chans=True)
+        load_weights(model, resolve_weights(cfg.pretrained), drop_head=True, adapt_in_chans=True, classes=classes)
     if cfg.freeze_backbone:
         head = set(map(id, model.get_classifier().parameters()))
         for p in model.parameters():

@@ -100,7 +100,7 @@ def to_model_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # Loading into a model ----------------------------------------------------------------------------------
 
 def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "state dict",
-                    drop_head: bool = False, adapt_in_chans: bool = False) -> None:
+                    drop_head: bool = False, adapt_in_chans: bool = False, new_head: bool = False) -> None:
     """Load `sd` into `model` strictly; list every missing, unexpected and mis-shaped key on failure.
 
     Args:
@@ -109,6 +109,7 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str =
         source: what to name in error messages (usually the file path).
         drop_head: if the classifier's shape differs, keep the model's fresh head instead of failing.
         adapt_in_chans: if the stem's input channels differ, sum (to 1) or tile the RGB filters.
+        new_head: keep the model's fresh head whatever the file's shape (the file's classes are other ones).
     """
     sd = to_model_keys(dict(sd))
     if hasattr(model, "adapt_state_dict"):
@@ -119,11 +120,11 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str =
         if key in sd and key in own and sd[key].shape[1] != own[key].shape[1]:
             sd[key] = adapt_input_conv(sd[key], own[key].shape[1])
     head = (classifier_key(model) or "head.weight").rsplit(".", 1)[0] + "."  # head.fc. / head. / fc.
-    if drop_head:  # keep the model's fresh classifier where the file's differs or is absent
+    if drop_head or new_head:  # keep the model's fresh classifier where the file's differs or is absent
         for k in [k for k in sd if k.startswith(head) and k not in own]:
             sd.pop(k)
         for k in [k for k in own if k.startswith(head)]:
-            if k not in sd or sd[k].shape != own[k].shape:
+            if new_head or k not in sd or sd[k].shape != own[k].shape:
                 sd[k] = own[k]
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -156,10 +157,24 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, drop_head: bool = False,
-                 adapt_in_chans: bool = False) -> None:
-    """Read a weight file (any supported format) and load it strictly into `model`."""
+                 adapt_in_chans: bool = False, classes: list[str] | None = None) -> None:
+    """Read a weight file (any supported format) and load it strictly into `model`; with `classes` (the
+    model's class names), a file that records other ones leaves the model's head fresh even where the shapes
+    agree (ten clothes -> ten digits)."""
+    recorded = recorded_classes(path) if classes is not None else None
     load_state_dict(model, read_state_dict(path), source=str(path), drop_head=drop_head,
-                    adapt_in_chans=adapt_in_chans)
+                    adapt_in_chans=adapt_in_chans, new_head=recorded is not None and recorded != list(classes))
+
+
+def recorded_classes(path: str | os.PathLike) -> list[str] | None:
+    """The class names a seqvision safetensors file records, or None where it records none it can read."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    try:  # untrusted metadata: unreadable classes say nothing
+        names = json.loads(read_metadata(path).get("classes", "null"))
+    except ValueError:
+        return None
+    return names if isinstance(names, list) else None
 
 
 # Saving and whole-model files --------------------------------------------------------------------------

@@ -112,7 +112,8 @@ def corrupted_set(cache: Path, images: np.ndarray, seed: int) -> dict[tuple[str,
         path = cache / f"{c}-{s}.npy"
         # image i's corruption depends on (seed, corruption, severity, i) only, so a longer cached set holds
         # this one as its first rows
-        if not path.exists() or len(np.load(path, mmap_mode="r")) < len(images):
+        cached = np.load(path) if path.exists() else None
+        if cached is None or len(cached) < len(images):
             corrupt = corrupt or corruptions()
             sets = []
             for i, img in enumerate(images):
@@ -121,7 +122,8 @@ def corrupted_set(cache: Path, images: np.ndarray, seed: int) -> dict[tuple[str,
             tmp = path.with_suffix(".tmp.npy")
             np.save(tmp, np.stack(sets))
             tmp.replace(path)
-        out[(c, s)] = np.load(path)[:len(images)]
+            cached = np.load(path)
+        out[(c, s)] = cached[:len(images)]
     return out
 
 
