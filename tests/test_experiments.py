@@ -59,6 +59,20 @@ def test_rerun_does_not_retrain_finished_cells(data, out, monkeypatch):
     assert cli.main(["experiment", "compare", "--data", str(data), "--out", str(out), "--quick"]) == 0
 
 
+def test_records_without_weights_serve_tables_but_not_weight_readers(data, out, tmp_path, monkeypatch, capsys):
+    from seqvision.experiments.runner import RECORDS
+
+    for cell in (out / "cells").iterdir():  # what docs/results/full/cells keeps: the records, no weights
+        (tmp_path / "cells" / cell.name).mkdir(parents=True)
+        for name in RECORDS:
+            (tmp_path / "cells" / cell.name / name).write_bytes((cell / name).read_bytes())
+    monkeypatch.setattr("seqvision.train.train", lambda cfg: pytest.fail(f"{cfg.output} was retrained"))
+    assert cli.main(["experiment", "compare", "--data", str(data), "--out", str(tmp_path), "--quick"]) == 0
+    assert rows(tmp_path / "compare" / "results.csv") == rows(out / "compare" / "results.csv")
+    assert cli.main(["experiment", "resolution", "--data", str(data), "--out", str(tmp_path), "--quick"]) != 0
+    assert "sequencer2d_1m_28-f1-s0: a finished cell's records without its weights" in capsys.readouterr().err
+
+
 def test_resolution_quick_reuses_compare_cells(data, out, monkeypatch):
     monkeypatch.setattr("seqvision.train.train", lambda cfg: pytest.fail("compare's cells are reused"))
     assert cli.main(["experiment", "resolution", "--data", str(data), "--out", str(out), "--quick"]) == 0

@@ -38,7 +38,7 @@ def run(out: Path, base_settings: dict, seeds: list[int], base: str = "sequencer
     from ..flops import count_params
 
     todo = cells(base, seeds, fraction)
-    folders = run_cells(todo, out, base_settings)
+    folders = run_cells(todo, out, base_settings, weights=False)
     speed = {}
     rows = []
     for cell, folder in zip(todo, folders):

@@ -26,7 +26,7 @@ def run(out: Path, base: dict, seeds: list[int], fractions: list[float], budget:
     from ..flops import count_macs, count_params
 
     todo = cells(budget, size, seeds, fractions)
-    folders = run_cells(todo, out, base)
+    folders = run_cells(todo, out, base, weights=False)
     rows = []
     for cell, folder in zip(todo, folders):
         model = create_model(cell.settings["model"])

@@ -12,6 +12,9 @@ from pathlib import Path
 from ..config import TrainConfig
 
 QUICK = dict(epochs=1, max_steps=2, batch_size=16, workers=0, warmup_epochs=0.5)  # minutes-long smoke runs
+# A finished cell's figures without its weights (a few kB): what docs/results/full/cells keeps of each cell,
+# enough for the experiments that only tabulate (compare, ablation) to reuse it instead of retraining.
+RECORDS = ("run.json", "metrics.json", "test.json", "done.json")
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,17 @@ class Cell:
     train: dict = field(default_factory=dict)
 
 
-def run_cell(cell: Cell, out: Path, base: dict) -> Path:
-    """Train the cell (or resume it, or nothing when it finished) and return its run folder."""
+def run_cell(cell: Cell, out: Path, base: dict, weights: bool = True) -> Path:
+    """Train the cell (or resume it, or nothing when it finished) and return its run folder; `weights`: the
+    experiment reads the cell's trained weights, not only its records."""
     from ..train import train
 
     folder = out / "cells" / cell.id
     if (folder / "done.json").exists():
+        if weights and not (folder / "best.safetensors").exists():
+            from ..errors import ConfigError
+            raise ConfigError(f"{folder}: a finished cell's records without its weights (best.safetensors); "
+                              f"this experiment needs the weights: delete the folder to train the cell again")
         return folder
     t0 = time.perf_counter()
     result = train(TrainConfig(**{**base, **cell.train, "output": str(folder), "resume": True}))
@@ -41,13 +49,13 @@ def run_cell(cell: Cell, out: Path, base: dict) -> Path:
     return folder
 
 
-def run_cells(cells: list[Cell], out: Path, base: dict) -> list[Path]:
-    """Every cell in turn, with one progress bar across them."""
+def run_cells(cells: list[Cell], out: Path, base: dict, weights: bool = True) -> list[Path]:
+    """Every cell in turn, with one progress bar across them (see run_cell for `weights`)."""
     from tqdm import tqdm
 
     folders = []
     for cell in tqdm(cells, desc="cells", unit="cell", dynamic_ncols=True):
-        folders.append(run_cell(cell, out, base))
+        folders.append(run_cell(cell, out, base, weights))
     return folders
 
 
