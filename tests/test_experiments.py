@@ -213,8 +213,23 @@ def test_robustness_quick_caches_the_corrupted_set(data, out, monkeypatch):
     assert all(np.array_equal(v, np.load(out / "robustness" / "cache" / f"{c}-{s}.npy")[:10])
                for (c, s), v in fewer.items())  # a smaller set is the cached one's first rows
     report = (out / "report.md").read_text()
-    assert "## robustness" in report and "| resnet_1m_28 |" in report and "100.0 |" in report  # the baseline's mCE
+    assert "## robustness" in report and "| resnet_1m_28 |" in report and "100.00 |" in report  # the baseline's mCE
     assert (out / "robustness" / "ce_heatmap.png").stat().st_size > 1000
+
+
+def test_mce_divides_every_seed_by_the_baselines_seed_mean():
+    from seqvision.experiments.robustness import CORRUPTIONS, corruption_errors
+
+    def model_rows(model, seed, clean, corrupted):
+        return [{"model": model, "seed": seed, "corruption": "clean", "severity": 0, "error": clean}] + [
+            {"model": model, "seed": seed, "corruption": c, "severity": s, "error": corrupted}
+            for c in CORRUPTIONS for s in range(1, 6)]
+    rows = (model_rows("base", 0, 10, 20) + model_rows("base", 1, 10, 40)
+            + model_rows("m", 0, 5, 15) + model_rows("m", 1, 5, 45))
+    mean, s0, s1 = (corruption_errors(rows, "base", seed=s) for s in (None, 0, 1))
+    assert mean["base"]["mCE"] == pytest.approx(100) and mean["m"]["mCE"] == pytest.approx(100)
+    assert (s0["m"]["mCE"], s1["m"]["mCE"]) == (pytest.approx(50), pytest.approx(150))  # 15/30 and 45/30
+    assert (s0["base"]["mCE"], s1["base"]["mCE"]) == (pytest.approx(200 / 3), pytest.approx(400 / 3))
 
 
 def test_corruption_keeps_shape_and_changes_the_image():

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .compare import cells as compare_cells
-from .runner import provenance, run_cells, write_csv, write_section
+from .runner import mean_sd, provenance, run_cells, write_csv, write_section
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
@@ -170,10 +170,13 @@ def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int =
              f"The first {len(clean)} test images under ImageNet-C's fifteen corruptions at severities 1-5 "
              f"(`imagecorruptions`; see the experiment's docstring for the 32-pixel padding and the two wrapped "
              f"functions). CE = a model's error summed over severities / {baseline}'s (the baseline in AlexNet's "
-             "place); mCE = mean CE over corruptions x 100. Mean over seeds.", "",
-             "| model | clean error (%) | mean corrupted error (%) | mCE (baseline = 100) |", "|---|---|---|---|"]
+             "place; its errors averaged over seeds, so every seed of every model is divided by the same "
+             "numbers); mCE = mean CE over corruptions x 100. Mean ± sd over seeds; the heat map shows seed means.",
+             "", "| model | clean error (%) | mean corrupted error (%) | mCE (baseline = 100) |", "|---|---|---|---|"]
+    per_seed = [corruption_errors(rows, baseline, seed=s) for s in seeds]
     for m in [*models, baseline]:
-        lines.append(f"| {m} | {ce[m]['clean']:.2f} | {ce[m]['mean_error']:.2f} | {ce[m]['mCE']:.1f} |")
+        lines.append("| " + " | ".join([m] + [mean_sd([e[m][k] for e in per_seed]) for k in ("clean", "mean_error",
+                                                                                           "mCE")]) + " |")
     if NOT_APPLICABLE:
         lines += ["", "Not applied: " + "; ".join(f"{k} ({v})" for k, v in NOT_APPLICABLE.items())]
     lines += ["", f"![corruption errors](robustness/{plot.name})"]
@@ -181,15 +184,18 @@ def run(out: Path, base: dict, seeds: list[int], budget: str = "1m", size: int =
     return rows
 
 
-def corruption_errors(rows: list[dict], baseline: str) -> dict[str, dict]:
-    """Per model: clean error, mean corrupted error, CE per corruption (vs the baseline) and mCE (seed means)."""
-    def err(m, c, s):
-        vals = [r["error"] for r in rows if r["model"] == m and r["corruption"] == c and r["severity"] == s]
+def corruption_errors(rows: list[dict], baseline: str, seed: int | None = None) -> dict[str, dict]:
+    """Per model: clean error, mean corrupted error, CE per corruption (vs the baseline's seed-mean errors) and
+    mCE, of one seed or of the seed means (seed=None)."""
+    def err(m, c, s, only=seed):
+        vals = [r["error"] for r in rows if r["model"] == m and r["corruption"] == c and r["severity"] == s
+                and (only is None or r["seed"] == only)]
         return sum(vals) / len(vals)
     out = {}
     applied = [c for c in CORRUPTIONS if c not in NOT_APPLICABLE]
     for m in dict.fromkeys(r["model"] for r in rows):
-        ce = {c: sum(err(m, c, s) for s in range(1, 6)) / max(sum(err(baseline, c, s) for s in range(1, 6)), 1e-9)
+        ce = {c: sum(err(m, c, s) for s in range(1, 6))
+                 / max(sum(err(baseline, c, s, only=None) for s in range(1, 6)), 1e-9)
               for c in applied}
         out[m] = {"clean": err(m, "clean", 0), "ce": ce, "mCE": 100 * sum(ce.values()) / len(ce),
                   "mean_error": sum(err(m, c, s) for c in applied for s in range(1, 6)) / (5 * len(applied))}
