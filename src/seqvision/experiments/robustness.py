@@ -119,10 +119,10 @@ def corrupted_set(cache: Path, images: np.ndarray, seed: int) -> dict[tuple[str,
             for i, img in enumerate(images):
                 np.random.seed((seed * 1_000_003 + CORRUPTIONS.index(c) * 10_007 + s * 101 + i) % 2**32)
                 sets.append(corrupt_image(corrupt, img, c, s))
+            cached = np.stack(sets)
             tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, np.stack(sets))
+            np.save(tmp, cached)
             tmp.replace(path)
-            cached = np.load(path)
         out[(c, s)] = cached[:len(images)]
     return out
 
