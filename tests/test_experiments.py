@@ -60,13 +60,14 @@ def test_rerun_does_not_retrain_finished_cells(data, out, monkeypatch):
 
 
 def test_records_without_weights_serve_tables_but_not_weight_readers(data, out, tmp_path, monkeypatch, capsys):
-    from seqvision.experiments.runner import RECORDS
-
-    for cell in (out / "cells").iterdir():  # what docs/results/full/cells keeps: the records, no weights
-        (tmp_path / "cells" / cell.name).mkdir(parents=True)
-        for name in RECORDS:
-            (tmp_path / "cells" / cell.name / name).write_bytes((cell / name).read_bytes())
     monkeypatch.setattr("seqvision.train.train", lambda cfg: pytest.fail(f"{cfg.output} was retrained"))
+    (out / "cells" / "unfinished").mkdir(exist_ok=True)  # a killed cell: no done.json, nothing to export
+    # what docs/results/full/cells keeps: the records, no weights
+    assert cli.main(["experiment", "compare", "--data", str(data), "--out", str(out), "--quick",
+                     "--export-records", str(tmp_path / "cells")]) == 0
+    (out / "cells" / "unfinished").rmdir()
+    assert {f.name for f in (tmp_path / "cells").iterdir()} == {f.name for f in (out / "cells").iterdir()}
+    assert not list(tmp_path.glob("cells/*/*.safetensors")) and list(out.glob("cells/*/best.safetensors"))
     assert cli.main(["experiment", "compare", "--data", str(data), "--out", str(tmp_path), "--quick"]) == 0
     assert rows(tmp_path / "compare" / "results.csv") == rows(out / "compare" / "results.csv")
     assert cli.main(["experiment", "resolution", "--data", str(data), "--out", str(tmp_path), "--quick"]) != 0

@@ -243,6 +243,12 @@ def cmd_experiment(args) -> None:
         args.fractions, command=command, source=args.source, source_classes=args.source_classes,
         target=args.target, target_classes=args.target_classes, images=args.images)
     print(f"report: {os.path.join(args.out, 'report.md')}")
+    if args.export_records:
+        from pathlib import Path
+
+        from .experiments.runner import export_records
+        ids = export_records(Path(args.out), Path(args.export_records))
+        print(f"records of {len(ids)} finished cell(s): {args.export_records}")
 
 
 def cmd_serve(args) -> None:
@@ -437,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "the second half)")
     p.add_argument("--images", type=at_least(1), default=2000, help="robustness: test images to corrupt")
     p.add_argument("--quick", action="store_true", help="a minutes-long smoke version (1 seed, 2 steps)")
+    p.add_argument("--export-records", default="", metavar="DIR",
+                   help="afterwards copy every finished cell's records (JSON, no weights) under OUT/cells to "
+                        "DIR/<cell>/; copied back into an OUT/cells, compare and ablation reuse them untrained")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("quantize", help="int8 CPU inference model, measured for agreement with fp32",

@@ -59,6 +59,21 @@ def run_cells(cells: list[Cell], out: Path, base: dict, weights: bool = True) ->
     return folders
 
 
+def export_records(out: Path, dest: Path) -> list[str]:
+    """Copy the RECORDS of every finished cell under OUT/cells into DEST/<cell id>/ (no weights, no
+    checkpoints) and return the cell ids; copied back into an OUT/cells, they spare compare and ablation the
+    retraining."""
+    import shutil
+
+    ids = sorted(f.name for f in (out / "cells").glob("*") if (f / "done.json").exists())
+    for cell in ids:
+        (dest / cell).mkdir(parents=True, exist_ok=True)
+        for name in RECORDS:
+            if (out / "cells" / cell / name).exists():  # test.json is absent when a run scored no test split
+                shutil.copyfile(out / "cells" / cell / name, dest / cell / name)
+    return ids
+
+
 def cell_metrics(folder: Path) -> dict:
     """The figures of a finished run folder: chosen epoch's val top-1, test top-1, speed and time."""
     history = json.loads((folder / "metrics.json").read_text())
