@@ -68,9 +68,9 @@ def export_records(out: Path, dest: Path) -> list[str]:
     ids = sorted(f.name for f in (out / "cells").glob("*") if (f / "done.json").exists())
     for cell in ids:
         (dest / cell).mkdir(parents=True, exist_ok=True)
-        for name in RECORDS:
-            if (out / "cells" / cell / name).exists():  # test.json is absent when a run scored no test split
-                shutil.copyfile(out / "cells" / cell / name, dest / cell / name)
+        for record in (out / "cells" / cell / name for name in RECORDS):
+            if record.exists():  # test.json is absent when a run scored no test split
+                shutil.copyfile(record, dest / cell / record.name)
     return ids
 
 
