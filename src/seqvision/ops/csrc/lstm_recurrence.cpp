@@ -216,7 +216,7 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
               *ap = acts.data_ptr<float>(), *wp = w.data_ptr<float>();
   float *gx = grad_xg.data_ptr<float>(), *dgsp = dgs.data_ptr<float>(), *gbp = grad_b.data_ptr<float>();
   at::parallel_for(0, Kg * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> dh(RT * Dp), dc(RT * D), dg(RT * G);
+    std::vector<float> dh(RT * Dp), dc(RT * D), dg(RT * G), zeros(D, 0.f);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t k = tile / tiles, n0 = tile % tiles * RT, rows = std::min(RT, N - n0);
       std::fill(dh.begin(), dh.end(), 0.f);
@@ -230,14 +230,15 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
           const int64_t px = start[r] + shift, at_t = (k * T + t) * N + n0 + r;
           const float* a = ap + at_t * G;
           const float* ct = csp + at_t * D;
-          const float* cprev = t > 0 ? csp + (at_t - N) * D : nullptr;
+          // c_{-1} = 0 read from zeros: a load behind a branch would keep the loop below from vectorising.
+          const float* cprev = t > 0 ? csp + (at_t - N) * D : zeros.data();
           const float* gor = go + px * OW + slots[k] * D;
           float *dgr = dg.data() + r * G, *dhr = dh.data() + r * Dp, *dcr = dc.data() + r * D;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) {
             const float i = a[d], f = a[D + d], g = a[2 * D + d], o = a[3 * D + d];
             const float tc = tanh_(ct[d]);
-            const float cp = cprev ? cprev[d] : 0.f;
+            const float cp = cprev[d];
             const float dhv = gor[d] + dhr[d];
             const float dcv = dcr[d] + dhv * o * (1.f - tc * tc);
             dgr[d] = dcv * g * i * (1.f - i);
