@@ -7,6 +7,8 @@ import threading
 import torch
 from torch import nn
 
+from . import native
+
 
 class _Scratch(threading.local):
     buf: torch.Tensor | None = None
@@ -36,10 +38,18 @@ def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
     if type(fc) is not nn.Linear:
         return torch.ops.aten.gelu_(fc(x))
     hidden = scratch(x.shape[0] * fc.out_features).view(x.shape[0], fc.out_features)
-    return torch.ops.aten.gelu_(torch.addmm(fc.bias, x, fc.weight.t(), out=hidden))
+    ext = native.extension()
+    if ext is None or fc.bias is None:
+        return torch.ops.aten.gelu_(torch.addmm(fc.bias, x, fc.weight.t(), out=hidden) if fc.bias is not None
+                                    else torch.mm(x, fc.weight.t(), out=hidden))
+    ext.bias_gelu_(torch.mm(x, fc.weight.t(), out=hidden), fc.bias)  # bias and GELU in one pass
+    return hidden
 
 
 def linear_add(x: torch.Tensor, fc: nn.Module, residual: torch.Tensor) -> torch.Tensor:
-    """fc(x) + residual, the sum made in fc's output."""
-    y = fc(x) if type(fc) is not nn.Linear else torch.addmm(fc.bias, x, fc.weight.t())
-    return y.add_(residual)
+    """fc(x) + residual. For a plain Linear the GEMM accumulates onto residual + bias: one elementwise pass
+    instead of two (addmm's copy of the bias into its output, then the residual add)."""
+    if type(fc) is not nn.Linear:
+        return fc(x).add_(residual)
+    start = torch.add(residual, fc.bias) if fc.bias is not None else residual.clone()
+    return start.addmm_(x, fc.weight.t())

@@ -8,6 +8,8 @@
 // Sequences are independent, so the work is split into tiles of RT sequences of one direction, and each
 // thread runs its tiles from the first step to the last on its own: no barrier per step, and a tile's
 // h, c and gates (RT x 4D) stay in L1 while its h @ W_hh^T runs as a register-blocked kernel.
+//
+// At the end, bias_gelu_: the Sequencer block's one other fused loop, the MLP's bias + GELU at inference.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -58,6 +60,27 @@ inline float tanh_(float x) {
   return x * p / q;
 }
 inline float sigm(float x) { return 0.5f + 0.5f * tanh_(0.5f * x); }
+
+// erf as Eigen's float rational approximation (|error| < 5e-7 against double erf), for GELU below; the
+// clamp passes NaN through as tanh_'s does.
+inline float erf_(float x) {
+  x = x > 4.f ? 4.f : x;
+  x = x < -4.f ? -4.f : x;
+  const float x2 = x * x;
+  float p = -2.72614225801306e-10f;
+  p = p * x2 + 2.77068142495902e-08f;
+  p = p * x2 - 2.10102402082508e-06f;
+  p = p * x2 - 5.69250639462346e-05f;
+  p = p * x2 - 7.34990630326855e-04f;
+  p = p * x2 - 2.95459980854025e-03f;
+  p = p * x2 - 1.60960333262415e-02f;
+  float q = -1.45660718464996e-05f;
+  q = q * x2 - 2.13374055278905e-04f;
+  q = q * x2 - 1.68282697438203e-03f;
+  q = q * x2 - 7.37332916720468e-03f;
+  q = q * x2 - 1.42647390514189e-02f;
+  return x * p / q;
+}
 
 // out[r, 0:VL*V] = in[r, 0:k] @ w[0:k, 0:VL*V] for the RT rows of a tile; w row-major with row stride ldw.
 template <int V>
@@ -268,7 +291,31 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
   return {grad_w, grad_b.sum(1)};
 }
 
+// x = gelu(x + bias) in place, x (M, N) contiguous, bias (N,), exact (erf) GELU: the epilogue of the MLP's
+// first GEMM at inference, one pass over its output where addmm + gelu_ make two (the bias copied into the
+// output before the GEMM, then GELU) and a third read.
+void bias_gelu_(torch::Tensor x, torch::Tensor bias) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat && x.device().is_cpu(),
+              "x must be a contiguous 2-D float32 CPU tensor");
+  TORCH_CHECK(bias.is_contiguous() && bias.numel() == x.size(1) && bias.scalar_type() == torch::kFloat,
+              "bias must have x.size(1) float32 elements");
+  const int64_t N = x.size(1);
+  float* xp = x.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  at::parallel_for(0, x.size(0), std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* xr = xp + r * N;
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) {
+        const float v = xr[j] + bp[j];
+        xr[j] = 0.5f * v * (1.f + erf_(v * 0.70710678118654752f));
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_forward", &lstm_forward, "BiLSTM2D recurrences of one group of directions, forward");
   m.def("lstm_backward", &lstm_backward, "BiLSTM2D recurrences of one group of directions, backward");
+  m.def("bias_gelu_", &bias_gelu_, "x = gelu(x + bias) in place (exact GELU), the MLP's inference epilogue");
 }
