@@ -1,4 +1,5 @@
-"""The compiled LSTM recurrence (csrc/lstm_recurrence.cpp) and its autograd Function.
+"""The compiled LSTM recurrence (csrc/lstm_recurrence.cpp) and its autograd Function; the same binary holds
+the block's inference epilogue (bias + GELU, used by seqvision.ops.inference).
 
 The extension is compiled on first use for one instruction set, and its build folder is named after that
 instruction set and a hash of everything the binary depends on (source, flags, torch install), so:
