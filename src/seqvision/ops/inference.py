@@ -33,16 +33,16 @@ def cpu_float_eval(x: torch.Tensor) -> bool:
 
 def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
     """gelu(fc(x)) for 2-D x, written into the reused buffer (so the caller must be done with it before
-    the next call that uses the buffer); GELU in place. Any module other than a plain Linear (an int8
-    one) is called as it is."""
+    the next call that uses the buffer); bias and GELU in one pass of the native extension, so callers are
+    on the native path (Block.forward_inference). Any module other than a plain Linear (an int8 one) is
+    called as it is."""
     if type(fc) is not nn.Linear:
         return torch.ops.aten.gelu_(fc(x))
     hidden = scratch(x.shape[0] * fc.out_features).view(x.shape[0], fc.out_features)
-    ext = native.extension()
-    if ext is None or fc.bias is None:
-        return torch.ops.aten.gelu_(torch.addmm(fc.bias, x, fc.weight.t(), out=hidden) if fc.bias is not None
-                                    else torch.mm(x, fc.weight.t(), out=hidden))
-    ext.bias_gelu_(torch.mm(x, fc.weight.t(), out=hidden), fc.bias)  # bias and GELU in one pass
+    torch.mm(x, fc.weight.t(), out=hidden)
+    if fc.bias is None:
+        return torch.ops.aten.gelu_(hidden)
+    native.extension().bias_gelu_(hidden, fc.bias)
     return hidden
 
 

@@ -39,48 +39,37 @@ typedef float vec __attribute__((vector_size(VL * 4), aligned(4)));
 // Rows of W_hh are padded to a multiple of PAD floats, so every row block is whole vectors.
 constexpr int64_t PAD = 16;
 
-// tanh as Eigen's float rational approximation (|error| < 3e-7): FMAs and one division, inlined, so the
-// cell loops below vectorise at the machine's full width instead of calling a vector expf.
-// The clamp is written with comparisons, not fmin/fmax, so that a NaN passes through (fmin drops it).
-inline float tanh_(float x) {
-  x = x > 7.90531110763549805f ? 7.90531110763549805f : x;
-  x = x < -7.90531110763549805f ? -7.90531110763549805f : x;
+// x * P(x^2) / Q(x^2) with x clamped to [-lim, lim], coefficients from the highest power down: the form of
+// Eigen's float approximations of tanh and erf below. FMAs and one division, inlined, so the loops that call
+// it vectorise at the machine's full width instead of calling a vector expf. The clamp is written with
+// comparisons, not fmin/fmax, so that a NaN passes through (fmin drops it).
+template <size_t NP, size_t NQ>
+inline float odd_rational(float x, float lim, const float (&p)[NP], const float (&q)[NQ]) {
+  x = x > lim ? lim : x;
+  x = x < -lim ? -lim : x;
   const float x2 = x * x;
-  float p = -2.76076847742355e-16f;
-  p = p * x2 + 2.00018790482477e-13f;
-  p = p * x2 - 8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  float q = 1.19825839466702e-06f;
-  q = q * x2 + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  return x * p / q;
+  float pv = p[0], qv = q[0];
+  for (size_t i = 1; i < NP; ++i) pv = pv * x2 + p[i];
+  for (size_t i = 1; i < NQ; ++i) qv = qv * x2 + q[i];
+  return x * pv / qv;
 }
+
+// tanh, |error| < 3e-7.
+constexpr float TANH_P[] = {-2.76076847742355e-16f, 2.00018790482477e-13f, -8.60467152213735e-11f,
+                            5.12229709037114e-08f, 1.48572235717979e-05f, 6.37261928875436e-04f,
+                            4.89352455891786e-03f};
+constexpr float TANH_Q[] = {1.19825839466702e-06f, 1.18534705686654e-04f, 2.26843463243900e-03f,
+                            4.89352518554385e-03f};
+inline float tanh_(float x) { return odd_rational(x, 7.90531110763549805f, TANH_P, TANH_Q); }
 inline float sigm(float x) { return 0.5f + 0.5f * tanh_(0.5f * x); }
 
-// erf as Eigen's float rational approximation (|error| < 5e-7 against double erf), for GELU below; the
-// clamp passes NaN through as tanh_'s does.
-inline float erf_(float x) {
-  x = x > 4.f ? 4.f : x;
-  x = x < -4.f ? -4.f : x;
-  const float x2 = x * x;
-  float p = -2.72614225801306e-10f;
-  p = p * x2 + 2.77068142495902e-08f;
-  p = p * x2 - 2.10102402082508e-06f;
-  p = p * x2 - 5.69250639462346e-05f;
-  p = p * x2 - 7.34990630326855e-04f;
-  p = p * x2 - 2.95459980854025e-03f;
-  p = p * x2 - 1.60960333262415e-02f;
-  float q = -1.45660718464996e-05f;
-  q = q * x2 - 2.13374055278905e-04f;
-  q = q * x2 - 1.68282697438203e-03f;
-  q = q * x2 - 7.37332916720468e-03f;
-  q = q * x2 - 1.42647390514189e-02f;
-  return x * p / q;
-}
+// erf, |error| < 5e-7 against double erf, for GELU below.
+constexpr float ERF_P[] = {-2.72614225801306e-10f, 2.77068142495902e-08f, -2.10102402082508e-06f,
+                           -5.69250639462346e-05f, -7.34990630326855e-04f, -2.95459980854025e-03f,
+                           -1.60960333262415e-02f};
+constexpr float ERF_Q[] = {-1.45660718464996e-05f, -2.13374055278905e-04f, -1.68282697438203e-03f,
+                           -7.37332916720468e-03f, -1.42647390514189e-02f};
+inline float erf_(float x) { return odd_rational(x, 4.f, ERF_P, ERF_Q); }
 
 // out[r, 0:VL*V] = in[r, 0:k] @ w[0:k, 0:VL*V] for the RT rows of a tile; w row-major with row stride ldw.
 template <int V>
