@@ -86,6 +86,35 @@ def test_inference_path_matches_reference(name, overrides, size):
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+@pytest.mark.parametrize("images", [1, 2])
+def test_inference_in_chunks_of_images_matches_reference(monkeypatch, images):
+    """Native inference runs GEMM and recurrence over chunks of images that fit in cache: batch 5 in
+    chunks of 1, and of 2 (2, 2, 1), gives the reference's logits."""
+    from seqvision.models import sequencer
+
+    ref, fast = pair("sequencer2d_s", "native", layers=(1, 1, 1, 1))
+    ref.eval(), fast.eval()
+    x = torch.randn(5, 3, 28, 42)
+    per_image = 4 * 6 * 4 * (4 * 48) * 4  # stage 1: 4x6 pixels, K=4 directions of 4D gates, float32
+    monkeypatch.setattr(sequencer, "XG_CHUNK_BYTES", images * per_image)
+    calls = []
+    lstm2d = native.lstm2d
+    monkeypatch.setattr(native, "lstm2d", lambda xg, *a, **k: calls.append(xg.shape[0]) or lstm2d(xg, *a, **k))
+    with torch.no_grad():
+        assert (ref(x) - fast(x)).abs().max().item() <= 1e-5
+    assert calls[: -(-5 // images)] == ([1] * 5 if images == 1 else [2, 2, 1])  # stage 1's chunks
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+def test_kernel_refuses_unpacked_recurrent_weights():
+    ext = native.extension()
+    xg, out = torch.zeros(1, 2, 2, 1, 32), torch.zeros(1, 2, 2, 8)
+    with pytest.raises(RuntimeError, match=r"pack_recurrent\(W_hh\), contiguous \(1, 8, 32\), got \[1, 32, 8\]"):
+        ext.lstm_forward(xg, torch.zeros(1, 32), torch.zeros(1, 32, 8), out, [0], [0], [0], False)
+    assert ext.pack_recurrent(torch.zeros(1, 32, 8)).shape == (1, 8, 32)
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
 def test_native_off_the_cpu_takes_the_pytorch_path():
     # the C++ kernel reads CPU memory; on another device (meta stands in for a GPU) the same math runs in PyTorch
     model = seqvision.create_model("sequencer2d_s", layers=(1, 1, 1, 1)).to("meta")

@@ -145,9 +145,10 @@ class LSTMRecurrence(torch.autograd.Function):
         B, H, W, K, _ = xg.shape
         out = xg.new_empty(B, H, W, K * w_hh.shape[-1])
         save = any(ctx.needs_input_grad)
+        w_t = ext.pack_recurrent(w_hh)
         saved = []
         for slots, axes, reverses in groups:
-            saved += ext.lstm_forward(xg, bias, w_hh[slots[0]: slots[-1] + 1], out, slots, axes, reverses, save)
+            saved += ext.lstm_forward(xg, bias, w_t[slots[0]: slots[-1] + 1], out, slots, axes, reverses, save)
         ctx.groups = groups
         ctx.save_for_backward(w_hh, *saved)
         return out
@@ -167,14 +168,22 @@ class LSTMRecurrence(torch.autograd.Function):
         return grad_xg, grad_b, grad_w, None
 
 
-def lstm2d(xg: torch.Tensor, bias: torch.Tensor, w_hh: torch.Tensor, groups: list) -> torch.Tensor:
-    """All directions of a BiLSTM2D through LSTMRecurrence, with autograd where it is needed; outside
-    autograd no states are kept."""
+def pack_recurrent(w_hh: torch.Tensor) -> torch.Tensor:
+    """W_hh (K, 4D, D) in the layout the kernel reads, (K, D, 4D padded); lstm2d's `w_t`."""
+    return extension().pack_recurrent(w_hh)
+
+
+def lstm2d(xg: torch.Tensor, bias: torch.Tensor, w_hh: torch.Tensor, groups: list, w_t: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """All directions of a BiLSTM2D through LSTMRecurrence, with autograd where it is needed. Outside
+    autograd no states are kept, `w_t` may bring pack_recurrent(w_hh) made once for many calls, and `out`
+    (B, H, W, K*D), contiguous, may be given to write into."""
     if torch.is_grad_enabled() and (xg.requires_grad or w_hh.requires_grad or bias.requires_grad):
         return LSTMRecurrence.apply(xg, bias, w_hh, groups)
     B, H, W, K, _ = xg.shape
-    out = xg.new_empty(B, H, W, K * w_hh.shape[-1])
+    out = xg.new_empty(B, H, W, K * w_hh.shape[-1]) if out is None else out
     ext = extension()
+    w_t = ext.pack_recurrent(w_hh) if w_t is None else w_t
     for slots, axes, reverses in groups:
-        ext.lstm_forward(xg, bias, w_hh[slots[0]: slots[-1] + 1], out, slots, axes, reverses, False)
+        ext.lstm_forward(xg, bias, w_t[slots[0]: slots[-1] + 1], out, slots, axes, reverses, False)
     return out

@@ -138,24 +138,31 @@ Geometry geometry(const torch::Tensor& xg, int64_t D, const std::vector<int64_t>
 
 }  // namespace
 
+// W_hh (K, 4D, D) -> (K, D, pad16(4D)), the layout lstm_forward reads: h @ W_hh^T takes rows of the
+// transpose, zero columns pad them to whole vectors. Inference keeps it across calls (the weights are fixed).
+torch::Tensor pack_recurrent(torch::Tensor w_hh) {
+  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(1) == 4 * w_hh.size(2), "W_hh must be (K, 4D, D), got ", w_hh.sizes());
+  return pad_columns(w_hh.transpose(1, 2));
+}
+
 // xg: (B, H, W, K, 4D) input projections without bias; bias: (K, 4D), b_ih + b_hh, added in the cell
-// (so the projection GEMM needs no bias copy); w_hh: (Kg, 4D, D) for the Kg directions of this group,
-// whose xg/out/bias slots are `slots`; out: (B, H, W, K*D) written for those slots.
+// (so the projection GEMM needs no bias copy); w_t: pack_recurrent(W_hh) of the Kg directions of this
+// group, whose xg/out/bias slots are `slots`; out: (B, H, W, K*D) written for those slots.
 // With `save`, returns hs, cs (Kg, T, N, D) and activated gates (Kg, T, N, 4D) for backward.
-std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor bias, torch::Tensor w_hh, torch::Tensor out,
+std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor bias, torch::Tensor w_t, torch::Tensor out,
                                         std::vector<int64_t> slots, std::vector<int64_t> axis,
                                         std::vector<int64_t> reverse, bool save) {
   TORCH_CHECK(xg.dim() == 5 && xg.is_contiguous() && out.is_contiguous(), "xg (B,H,W,K,4D) and out contiguous");
-  TORCH_CHECK(xg.scalar_type() == torch::kFloat && w_hh.scalar_type() == torch::kFloat, "float32 only");
-  TORCH_CHECK(xg.device().is_cpu() && w_hh.device().is_cpu() && out.device().is_cpu(), "CPU tensors only");
-  const int64_t Kg = w_hh.size(0), D = w_hh.size(2), G = 4 * D;
-  TORCH_CHECK(xg.size(4) == G && w_hh.size(1) == G && (int64_t)slots.size() == Kg, "shape mismatch");
+  TORCH_CHECK(xg.scalar_type() == torch::kFloat && w_t.scalar_type() == torch::kFloat, "float32 only");
+  TORCH_CHECK(xg.device().is_cpu() && w_t.device().is_cpu() && out.device().is_cpu(), "CPU tensors only");
+  const int64_t Kg = (int64_t)slots.size(), G = xg.size(4), D = G / 4, Gp = pad16(G);
+  TORCH_CHECK(G % 4 == 0 && w_t.dim() == 3 && w_t.size(0) == Kg && w_t.size(1) == D && w_t.size(2) == Gp &&
+              w_t.is_contiguous(), "w_t must be pack_recurrent(W_hh), contiguous (", Kg, ", ", D, ", ", Gp,
+              "), got ", w_t.sizes());
   TORCH_CHECK(bias.is_contiguous() && bias.size(0) == xg.size(3) && bias.size(1) == G, "bias must be (K, 4D)");
   Geometry geo = geometry(xg, D, axis, reverse);
   const int64_t T = geo.T(), N = geo.N(), K = geo.K, OW = out.size(3), tiles = (N + RT - 1) / RT;
   auto opts = xg.options();
-  const int64_t Gp = pad16(G);
-  auto w_t = pad_columns(w_hh.transpose(1, 2));  // (Kg, 4D, D) -> (Kg, D, Gp): h @ W_hh^T reads rows
   torch::Tensor hs, cs, acts;
   if (save) {
     hs = torch::empty({Kg, T, N, D}, opts);
@@ -304,6 +311,7 @@ void bias_gelu_(torch::Tensor x, torch::Tensor bias) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack_recurrent", &pack_recurrent, "W_hh (K, 4D, D) in the layout lstm_forward reads");
   m.def("lstm_forward", &lstm_forward, "BiLSTM2D recurrences of one group of directions, forward");
   m.def("lstm_backward", &lstm_backward, "BiLSTM2D recurrences of one group of directions, backward");
   m.def("bias_gelu_", &bias_gelu_, "x = gelu(x + bias) in place (exact GELU), the MLP's inference epilogue");
