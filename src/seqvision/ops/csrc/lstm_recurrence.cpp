@@ -7,7 +7,10 @@
 //
 // Sequences are independent, so the work is split into tiles of RT sequences of one direction, and each
 // thread runs its tiles from the first step to the last on its own: no barrier per step, and a tile's
-// h, c and gates (RT x 4D) stay in L1 while its h @ W_hh^T runs as a register-blocked kernel.
+// h, c and gates (RT x 4D) stay in L1 while its h @ W_hh^T runs as a register-blocked kernel. Tiles are
+// numbered direction-fastest, so each thread's contiguous share holds every direction over the same images:
+// the same work per thread whatever the directions cost (a column tile reads neighbouring pixels, a row tile
+// pixels a row apart), and one direction's reads bring in its neighbour's gates of the same pixels.
 //
 // At the end, bias_gelu_: the Sequencer block's one other fused loop, the MLP's bias + GELU at inference.
 #include <torch/extension.h>
@@ -177,7 +180,7 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor bias, to
   at::parallel_for(0, Kg * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> h(RT * D), c(RT * D), gates(RT * Gp);
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t k = tile / tiles, n0 = tile % tiles * RT, rows = std::min(RT, N - n0);
+      const int64_t k = tile % Kg, n0 = tile / Kg * RT, rows = std::min(RT, N - n0);
       const float* br = bp + slots[k] * G;
       int64_t start[RT];
       for (int64_t r = 0; r < rows; ++r) start[r] = geo.start(k, n0 + r);
@@ -237,7 +240,7 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
   at::parallel_for(0, Kg * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> dh(RT * Dp), dc(RT * D), dg(RT * G), zeros(D, 0.f);
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t k = tile / tiles, n0 = tile % tiles * RT, rows = std::min(RT, N - n0);
+      const int64_t k = tile % Kg, n0 = tile / Kg * RT, rows = std::min(RT, N - n0);
       std::fill(dh.begin(), dh.end(), 0.f);
       std::fill(dc.begin(), dc.end(), 0.f);
       std::fill(dg.begin(), dg.end(), 0.f);
@@ -268,7 +271,7 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
           }
           std::copy(dgr, dgr + G, gx + (px * K + slots[k]) * G);
           std::copy(dgr, dgr + G, dgsp + at_t * G);
-          float* gbk = gbp + tile * G;  // tile = k * tiles + (its index within direction k)
+          float* gbk = gbp + (k * tiles + n0 / RT) * G;  // direction k's partial sum of this tile
 #pragma omp simd
           for (int64_t j = 0; j < G; ++j) gbk[j] += dgr[j];
         }
