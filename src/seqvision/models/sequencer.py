@@ -210,8 +210,8 @@ class RNN2d(nn.Module):
         packed = self.__dict__.get("_packed_hh")
         if packed is None or packed[0] is not w_hh:  # stacked_weights hands back the same tensor until it changes
             packed = self.__dict__["_packed_hh"] = (w_hh, native.pack_recurrent(w_hh))
-        chunks = math.ceil(B * H * W * K * G * 4 / XG_CHUNK_BYTES)
-        step = math.ceil(B / chunks)  # equal chunks: a last chunk of one image would leave tiles half empty
+        fit = max(1, XG_CHUNK_BYTES // (H * W * K * G * 4))  # images whose gates fit in the budget
+        step = math.ceil(B / math.ceil(B / fit))  # as many chunks, made equal: 16 images by 5 -> 4 x 4
         groups = recurrence.groups(dirs, H, W)
         out = x.new_empty(B, H, W, K * D)
         for b in range(0, B, step):
