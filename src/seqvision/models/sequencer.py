@@ -199,7 +199,7 @@ class RNN2d(nn.Module):
 
     def mix_native_inference(self, x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor, w_hh: torch.Tensor,
                              dirs: list) -> torch.Tensor:
-        """mix_native's recurrences outside autograd: (B, H, W, C) -> (B, H, W, K*D), no states kept.
+        """mix_native outside autograd, before the union: (B, H, W, C) -> (B, H, W, K*D), no states kept.
 
         The images go in chunks whose input gates fit in XG_CHUNK_BYTES, so that the recurrence reads them
         from cache right after the GEMM writes them instead of from memory (each direction reads its gates
