@@ -8,9 +8,9 @@
 // Sequences are independent, so the work is split into tiles of RT sequences of one direction, and each
 // thread runs its tiles from the first step to the last on its own: no barrier per step, and a tile's
 // h, c and gates (RT x 4D) stay in L1 while its h @ W_hh^T runs as a register-blocked kernel. Tiles are
-// numbered direction-fastest, so each thread's contiguous share holds every direction over the same images:
-// the same work per thread whatever the directions cost (a column tile reads neighbouring pixels, a row tile
-// pixels a row apart), and one direction's reads bring in its neighbour's gates of the same pixels.
+// numbered direction-fastest, so each thread's contiguous share holds every direction over its part of
+// the images rather than some of the directions over all of them, and consecutive tiles read the gates of
+// the same pixels (measured faster; see the README).
 //
 // At the end, bias_gelu_: the Sequencer block's one other fused loop, the MLP's bias + GELU at inference.
 #include <torch/extension.h>
