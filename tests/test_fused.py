@@ -8,6 +8,7 @@ import torch
 
 import seqvision
 from seqvision.ops import native
+from seqvision.quantize import quantize_int8
 
 from conftest import random_state_dict
 
@@ -100,9 +101,15 @@ def test_inference_in_chunks_of_images_matches_reference(monkeypatch, images):
     calls = []
     lstm2d = native.lstm2d
     monkeypatch.setattr(native, "lstm2d", lambda xg, *a, **k: calls.append(xg.shape[0]) or lstm2d(xg, *a, **k))
+    chunks = [1] * 5 if images == 1 else [2, 2, 1]
     with torch.no_grad():
-        assert (ref(x) - fast(x)).abs().max().item() <= 1e-5
-    assert calls[: -(-5 // images)] == ([1] * 5 if images == 1 else [2, 2, 1])  # stage 1's chunks
+        y = ref(x)
+        assert (y - fast(x)).abs().max().item() <= 1e-5
+        assert calls[: len(chunks)] == chunks  # stage 1's chunks
+        calls.clear()
+        q = quantize_int8(fast)  # int8 input projection, chunked the same way
+        assert ((q(x) - y).norm() / y.norm()).item() < 0.05
+        assert calls[: len(chunks)] == chunks
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
