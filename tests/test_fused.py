@@ -172,3 +172,42 @@ def test_bias_gelu_epilogue_matches_torch():
     assert odd[0, 0].isnan() and odd[0, 2] == float("inf")  # NaN stays NaN; inf is gelu's limit
     with pytest.raises(RuntimeError, match="bias must have x.size"):
         native.extension().bias_gelu_(torch.zeros(2, 3), torch.zeros(4))
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+def test_layer_norm_seed_matches_torch():
+    """The inference pass before each GEMM: out = layer_norm(x) and seed = x + add together, seed in place
+    or not, affine or not; NaN stays in its row; shapes at fault are named."""
+    ext, F = native.extension(), torch.nn.functional
+    x = torch.randn(37, 192) * 3 + 1
+    w, b, add = torch.randn(192), torch.randn(192), torch.randn(192)
+    out, seed = torch.empty_like(x), torch.empty_like(x)
+    ext.layer_norm_seed(x, w, b, 1e-6, add, out, seed)
+    assert (out - F.layer_norm(x, (192,), w, b, 1e-6)).abs().max() <= 1e-5
+    assert torch.equal(seed, x + add)
+    inplace = x.clone()
+    ext.layer_norm_seed(inplace, None, None, 1e-6, None, out, inplace)
+    assert (out - F.layer_norm(x, (192,), None, None, 1e-6)).abs().max() <= 1e-5 and torch.equal(inplace, x)
+    x[3, 5] = float("nan")
+    ext.layer_norm_seed(x, w, b, 1e-6, add, out, x)
+    assert out[3].isnan().all() and not out[torch.arange(37) != 3].isnan().any()
+    with pytest.raises(RuntimeError, match=r"must be \(192\) float32, got \[191\]"):
+        ext.layer_norm_seed(x, w, b, 1e-6, add[:191], out, seed)
+    with pytest.raises(RuntimeError, match="out must not be x"):
+        ext.layer_norm_seed(x, w, b, 1e-6, add, x, seed)
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+def test_block_inference_leaves_its_input_and_earlier_outputs_alone():
+    """The inference block builds its output in place and cycles reused buffers: neither the caller's input
+    nor what an earlier call returned may change."""
+    ref, fast = pair("sequencer2d_s", "native", layers=(1, 1, 1, 1))
+    block = fast.eval().stages[0].blocks[0]
+    x1, x2 = torch.randn(2, 4, 6, 192), torch.randn(2, 4, 6, 192)
+    keep = x1.clone()
+    with torch.no_grad():
+        y1 = block(x1)
+        first = y1.clone()
+        y2 = block(x2)
+        assert torch.equal(x1, keep) and torch.equal(y1, first)
+        assert (y2 - ref.eval().stages[0].blocks[0](x2)).abs().max() <= 1e-5

@@ -20,7 +20,7 @@ from torch import nn
 from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply,
                       prune_after, resample_grid, run_blocks, take_indices, to_fmt)
 from ..ops import native, recurrence
-from ..ops.inference import cpu_float_eval, linear_add, linear_gelu, scratch
+from ..ops.inference import MIXED, accumulate, cpu_float_eval, linear_gelu, norm_and_seed, scratch
 from ..ops.int8 import Int8Linear
 from ..registry import register_family
 
@@ -94,6 +94,8 @@ class RNN2d(nn.Module):
         self.union, self.cell = union, cell
         out = hidden * (2 if bidirectional else 1)
         mixed = 2 * out if union == "cat" else out
+        # K*D: every direction's hidden states side by side, the recurrences' output before the union
+        self.states_width = out * (1 if union in ("vertical", "horizontal") else 2)
         if not with_fc and mixed != dim:
             raise ValueError(f"without fc the {union} output width {mixed} must equal the input width {dim}")
         rnn = CELLS[cell]
@@ -185,20 +187,21 @@ class RNN2d(nn.Module):
             self.__dict__["_stacked_cache"] = (key, value)  # not a buffer: never saved, moved or counted
         return value
 
-    def mix_native(self, x: torch.Tensor) -> torch.Tensor:
-        """The mixing with the recurrence in C++ (CPU): (B, H, W, C) -> (B, H, W, union width)."""
+    def mix_native(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixing with the recurrence in C++ (CPU): (B, H, W, C) -> (B, H, W, union width). Outside
+        autograd, `out` (B, H, W, K*D) may be given for the recurrences to write into."""
         B, H, W, C = x.shape
         dirs, w_ih, bias, w_hh = self.stacked_weights(fold=True)
         K, G, _ = w_hh.shape
         if cpu_float_eval(x):
-            return self.unite(self.mix_native_inference(x, w_ih, bias.view(K, G), w_hh, dirs))
+            return self.unite(self.mix_native_inference(x, w_ih, bias.view(K, G), w_hh, dirs, out))
         xg = F.linear(x, w_ih).view(B, H, W, K, G)  # (B, H, W, C) -> (B, H, W, K, G): one GEMM
         out = native.lstm2d(xg.float().contiguous(), bias.view(K, G).float(), w_hh.float(),
                             recurrence.groups(dirs, H, W))
         return self.unite(out.to(x.dtype))  # (B, H, W, K*D) -> (B, H, W, union width)
 
     def mix_native_inference(self, x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor, w_hh: torch.Tensor,
-                             dirs: list) -> torch.Tensor:
+                             dirs: list, out: torch.Tensor | None = None) -> torch.Tensor:
         """mix_native outside autograd, before the union: (B, H, W, C) -> (B, H, W, K*D), no states kept.
 
         The images go in chunks whose input gates fit in XG_CHUNK_BYTES, so that the recurrence reads them
@@ -213,7 +216,7 @@ class RNN2d(nn.Module):
         fit = max(1, XG_CHUNK_BYTES // (H * W * K * G * 4))  # images whose gates fit in the budget
         step = math.ceil(B / math.ceil(B / fit))  # as many chunks, made equal: 16 images by 5 -> 4 x 4
         groups = recurrence.groups(dirs, H, W)
-        out = x.new_empty(B, H, W, K * D)
+        out = x.new_empty(B, H, W, K * D) if out is None else out
         for b in range(0, B, step):
             part = x[b: b + step].reshape(-1, C)  # (b, H, W, C) -> (b*H*W, C)
             if self.proj_int8 is not None:
@@ -303,20 +306,22 @@ class Block(nn.Module):
 
     def forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """forward in eval mode outside autograd, on CPU float32 with the native BiLSTM2D: the same math,
-        with the residual stream kept contiguous (one LayerNorm copy less each) and the two widest
-        activations (the input projection, the MLP's hidden layer) written into one reused buffer."""
+        with the output built in one tensor (the residual plus each GEMM's bias, seeded in the LayerNorm's
+        pass, then the GEMMs accumulating onto it) and the activations in reused per-thread buffers."""
         B, H, W, C = x.shape
         rnn, mlp = self.rnn_tokens, self.mlp_channels
-        x = x.reshape(B * H * W, C)  # (B, H, W, C) -> (B*H*W, C)
-        y = F.layer_norm(x, (C,), self.norm1.weight, self.norm1.bias, self.norm1.eps).view(B, H, W, C)
-        mixed = rnn.mix_native(y).reshape(B * H * W, -1)  # (B, H, W, M) -> (B*H*W, M)
-        x = linear_add(mixed, rnn.fc, x) if rnn.fc is not None else x + mixed
-        y = F.layer_norm(x, (C,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        x = x.reshape(B * H * W, C).contiguous()  # (B, H, W, C) -> (B*H*W, C)
+        out = torch.empty_like(x)  # a fresh tensor: the caller's x is left as it was
+        y = norm_and_seed(x, self.norm1, rnn.fc, out).view(B, H, W, C)  # out = x + fc's bias
+        mixed = rnn.mix_native(y, out=scratch(B * H * W * rnn.states_width, MIXED).view(B, H, W, -1))
+        mixed = mixed.reshape(B * H * W, -1)  # (B, H, W, M) -> (B*H*W, M)
+        accumulate(out, mixed, rnn.fc) if rnn.fc is not None else out.add_(mixed)
+        y = norm_and_seed(out, self.norm2, mlp.fc2, out)  # in place: out += fc2's bias
         if isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none":
             hidden = linear_gelu(y, mlp.fc1)  # overwrites the buffer the projection used: it is done with
         else:
             hidden = mlp.act(mlp.fc1(y))
-        return linear_add(hidden, mlp.fc2, x).view(B, H, W, C)  # (B*H*W, C) -> (B, H, W, C)
+        return accumulate(out, hidden, mlp.fc2).view(B, H, W, C)  # (B*H*W, C) -> (B, H, W, C)
 
 
 class Downsample(nn.Module):

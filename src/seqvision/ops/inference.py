@@ -1,5 +1,5 @@
-"""Inference-only helpers (eval mode outside autograd on the CPU): a reused activation buffer and GEMMs
-with their epilogue written into it."""
+"""Inference-only helpers (eval mode outside autograd on the CPU): reused activation buffers, and the
+block's elementwise work fused into passes of the native extension around the GEMMs."""
 from __future__ import annotations
 
 import threading
@@ -9,21 +9,28 @@ from torch import nn
 
 from . import native
 
+# The buffers Block.forward_inference cycles through; one of each per thread, so concurrent callers never
+# share one. WIDE holds the widest activation (the input projection, then the MLP's hidden layer), NORMED a
+# LayerNorm's output, MIXED the recurrences' output.
+WIDE, NORMED, MIXED = range(3)
+
 
 class _Scratch(threading.local):
-    buf: torch.Tensor | None = None
+    def __init__(self):
+        self.bufs: list[torch.Tensor | None] = [None, None, None]
 
 
 _SCRATCH = _Scratch()
 
 
-def scratch(n: int) -> torch.Tensor:
-    """A float32 buffer of n elements reused across inference calls (one per thread, so concurrent callers
-    never share one). A fresh tensor of tens of MB comes from mmap and page-faults on first touch every
-    call, which halves the GEMM rate."""
-    if _SCRATCH.buf is None or _SCRATCH.buf.numel() < n:
-        _SCRATCH.buf = torch.empty(n)
-    return _SCRATCH.buf[:n]
+def scratch(n: int, slot: int = WIDE) -> torch.Tensor:
+    """A float32 buffer of n elements reused across inference calls: buffer `slot` (WIDE, NORMED, MIXED) of
+    this thread. A fresh tensor of tens of MB comes from mmap and page-faults on first touch every call,
+    which halves the GEMM rate."""
+    buf = _SCRATCH.bufs[slot]
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH.bufs[slot] = torch.empty(n)
+    return buf[:n]
 
 
 def cpu_float_eval(x: torch.Tensor) -> bool:
@@ -31,12 +38,35 @@ def cpu_float_eval(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
+def _plain(fc: nn.Module) -> bool:
+    return type(fc) is nn.Linear
+
+
+def norm_and_seed(x: torch.Tensor, norm: nn.LayerNorm, fc: nn.Module, seed: torch.Tensor) -> torch.Tensor:
+    """norm(x) for 2-D contiguous x, into the NORMED buffer (so the caller must be done with the last one),
+    and, in the same pass, seed = x + fc's bias: the start accumulate() adds fc's GEMM onto. `seed` may be
+    x itself (in place) or a tensor of its shape. Any fc other than a plain Linear (an int8 one) keeps its
+    bias to itself: seed = x."""
+    normed = scratch(x.numel(), NORMED).view_as(x)
+    add = fc.bias if _plain(fc) else None
+    native.extension().layer_norm_seed(x, norm.weight, norm.bias, norm.eps, add, normed, seed)
+    return normed
+
+
+def accumulate(seed: torch.Tensor, x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
+    """seed += fc(x) without fc's bias for a plain Linear (norm_and_seed put it into seed): the GEMM
+    accumulates onto seed, no pass of its own. Other modules are called as they are."""
+    if _plain(fc):
+        return seed.addmm_(x, fc.weight.t())
+    return seed.add_(fc(x))
+
+
 def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
-    """gelu(fc(x)) for 2-D x, written into the reused buffer (so the caller must be done with it before
-    the next call that uses the buffer); bias and GELU in one pass of the native extension, so callers are
-    on the native path (Block.forward_inference). Any module other than a plain Linear (an int8 one) is
+    """gelu(fc(x)) for 2-D x, written into the WIDE buffer (so the caller must be done with it before the
+    next call that uses the buffer); bias and GELU in one pass of the native extension, so callers are on
+    the native path (Block.forward_inference). Any module other than a plain Linear (an int8 one) is
     called as it is."""
-    if type(fc) is not nn.Linear:
+    if not _plain(fc):
         return torch.ops.aten.gelu_(fc(x))
     hidden = scratch(x.shape[0] * fc.out_features).view(x.shape[0], fc.out_features)
     torch.mm(x, fc.weight.t(), out=hidden)
@@ -44,12 +74,3 @@ def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
         return torch.ops.aten.gelu_(hidden)
     native.extension().bias_gelu_(hidden, fc.bias)
     return hidden
-
-
-def linear_add(x: torch.Tensor, fc: nn.Module, residual: torch.Tensor) -> torch.Tensor:
-    """fc(x) + residual. For a plain Linear the GEMM accumulates onto residual + bias: one elementwise pass
-    instead of two (addmm's copy of the bias into its output, then the residual add)."""
-    if type(fc) is not nn.Linear:
-        return fc(x).add_(residual)
-    start = torch.add(residual, fc.bias) if fc.bias is not None else residual.clone()
-    return start.addmm_(x, fc.weight.t())
