@@ -38,15 +38,15 @@ def cpu_float_eval(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
-def _plain(fc: nn.Module) -> bool:
+def _plain(fc: nn.Module | None) -> bool:
     return type(fc) is nn.Linear
 
 
-def norm_and_seed(x: torch.Tensor, norm: nn.LayerNorm, fc: nn.Module, seed: torch.Tensor) -> torch.Tensor:
+def norm_and_seed(x: torch.Tensor, norm: nn.LayerNorm, fc: nn.Module | None, seed: torch.Tensor) -> torch.Tensor:
     """norm(x) for 2-D contiguous x, into the NORMED buffer (so the caller must be done with the last one),
     and, in the same pass, seed = x + fc's bias: the start accumulate() adds fc's GEMM onto. `seed` may be
-    x itself (in place) or a tensor of its shape. Any fc other than a plain Linear (an int8 one) keeps its
-    bias to itself: seed = x."""
+    x itself (in place) or a tensor of its shape. With no fc, or any other than a plain Linear (an int8
+    one, which keeps its bias to itself), seed = x."""
     normed = scratch(x.numel(), NORMED).view_as(x)
     add = fc.bias if _plain(fc) else None
     native.extension().layer_norm_seed(x, norm.weight, norm.bias, norm.eps, add, normed, seed)
