@@ -7,7 +7,7 @@ import torch
 
 import seqvision
 from seqvision import cli
-from seqvision.benchmark import BenchConfig, run_benchmark, summarize
+from seqvision.benchmark import BenchConfig, more_rounds, run_benchmark, summarize
 from seqvision.export import check_onnx, dynamic_sides, export_onnx, export_program
 from seqvision.quantize import Int8Linear, quantize_int8
 
@@ -99,13 +99,20 @@ def test_benchmark_summary_is_the_median_of_per_round_ratios():
     assert out["ours"][1] == 2.0 and out["ours"][0] == pytest.approx(1 / 3)  # ratios 3, 1, 2; medians 3 vs 3
 
 
+def test_benchmark_times_rounds_until_both_count_and_time_are_reached():
+    cfg = BenchConfig(rounds=3, min_seconds=10.0)
+    assert more_rounds(2, 60.0, cfg) and more_rounds(5, 9.9, cfg) and not more_rounds(3, 10.0, cfg)
+    assert not more_rounds(3, 0.0, BenchConfig(rounds=3))  # min_seconds 0: exactly `rounds`
+
+
 def test_benchmark_rows(tmp_path, capsys):
     rows = run_benchmark(BenchConfig(model="sequencer2d_1m_28", batch_size=4, rounds=2, warmup=1, mode="train"))
     impls = {r["impl"] for r in rows}
     assert {"seqvision[auto]", "seqvision[reference]", "timm"} <= impls
     assert all(r["ratio_vs"] == "timm" and r["img_per_s"] > 0 and 0 < r["roofline_share"] for r in rows)
+    assert all(r["rounds"] == 2 for r in rows)
     assert all(r["kernel_isa"] in ("avx512", "avx2", "baseline") and "-bit activations" in r["int8"] for r in rows)
     out = tmp_path / "b.json"
-    assert cli.main(["benchmark", "--model", "vit_1m_28", "--batch-size", "2", "--rounds", "2", "--mode", "infer",
-                     "--output", str(out)]) == 0
+    assert cli.main(["benchmark", "--model", "vit_1m_28", "--batch-size", "2", "--rounds", "2", "--min-seconds", "0",
+                     "--mode", "infer", "--output", str(out)]) == 0
     assert json.loads(out.read_text())[0]["model"] == "vit_1m_28"

@@ -24,6 +24,7 @@ class BenchConfig:
     img_size: int = 0  # 0: the model's default
     mode: str = "infer"  # infer | train
     rounds: int = 7
+    min_seconds: float = 0.0  # and keep alternating rounds until this much time has passed (more_rounds)
     warmup: int = 2
     threads: int = 0
     backends: tuple[str, ...] = ("auto", "reference")
@@ -106,6 +107,12 @@ def summarize(times: dict[str, list[float]], baseline: str, batch: int) -> dict[
             for k, ts in times.items()}
 
 
+def more_rounds(done: int, elapsed: float, cfg: BenchConfig) -> bool:
+    """Whether to time another round: until `rounds` are done and `min_seconds` have passed. A machine whose
+    speed drifts over minutes (shared cloud cores) moves the median of a few rounds by +-0.1 in the ratio."""
+    return done < cfg.rounds or elapsed < cfg.min_seconds
+
+
 def run_benchmark(cfg: BenchConfig, progress=None) -> list[dict]:
     """Median img/s of each implementation and the median of per-round ratios to timm's (or the reference)."""
     if cfg.threads:
@@ -136,19 +143,21 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> list[dict]:
             fn()
         mem[k] = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     times = {k: [] for k in fns}
-    for r in range(cfg.rounds):
+    r, start = 0, time.perf_counter()
+    while more_rounds(r, time.perf_counter() - start, cfg):
         order = list(fns) if r % 2 == 0 else list(fns)[::-1]  # alternate, so drift hits all alike
         for k in order:
             t = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - t)
+        r += 1
         if progress:
-            progress(r + 1, cfg.rounds)
+            progress(r, max(r, cfg.rounds))
     flop_per_img = 2 * macs * (3 if cfg.mode == "train" else 1)  # backward ~ 2x forward
     rows, where = [], machine()
     for k, (ips, ratio) in summarize(times, baseline, cfg.batch_size).items():
         rows.append(dict(model=cfg.model, impl=k, mode=cfg.mode, batch=cfg.batch_size, img_size=size,
-                         threads=torch.get_num_threads(), img_per_s=round(ips, 2), ratio_vs=baseline,
+                         threads=torch.get_num_threads(), rounds=r, img_per_s=round(ips, 2), ratio_vs=baseline,
                          ratio=round(ratio, 3), params=params, gmacs=round(macs / 1e9, 3),
                          gflops=round(flop_per_img * ips / 1e9, 1), matmul_gflops=round(rate, 1),
                          roofline_share=round(flop_per_img * ips / 1e9 / rate, 3),

@@ -176,7 +176,8 @@ def cmd_benchmark(args) -> None:
     for mode in args.mode:
         for batch in args.batch_size:
             cfg = BenchConfig(model=args.model, batch_size=batch, img_size=args.img_size, mode=mode,
-                              rounds=args.rounds, warmup=args.warmup, threads=args.threads,
+                              rounds=args.rounds, min_seconds=args.min_seconds, warmup=args.warmup,
+                              threads=args.threads,
                               backends=tuple(args.backends), timm=not args.no_timm, int8=args.int8)
             print(f"# {args.model} {mode} batch {batch} ...", file=sys.stderr)
             rows += run_benchmark(cfg)
@@ -389,7 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=at_least(1), nargs="+", default=[16])
     p.add_argument("--img-size", type=at_least(0), default=0, help="input side (default: the model's)")
     p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
-    p.add_argument("--rounds", type=at_least(1), default=7)
+    p.add_argument("--rounds", type=at_least(1), default=7, help="alternating rounds, at least")
+    p.add_argument("--min-seconds", type=float, default=30.0,
+                   help="keep timing rounds until this many seconds have passed (per model, mode and batch), so "
+                        "a machine whose speed drifts over minutes gets enough rounds for a stable median; "
+                        "0: exactly --rounds")
     p.add_argument("--warmup", type=at_least(0), default=2)
     p.add_argument("--threads", type=at_least(0), default=0, help="torch threads (default: torch's)")
     p.add_argument("--backends", nargs="+", default=["auto", "reference"], help="Sequencer backends to time")
