@@ -1,6 +1,9 @@
 """ONNX (checked in onnxruntime) and torch.export, plus int8 and the benchmark command."""
 import fnmatch
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,3 +119,28 @@ def test_benchmark_rows(tmp_path, capsys):
     assert cli.main(["benchmark", "--model", "vit_1m_28", "--batch-size", "2", "--rounds", "2", "--min-seconds", "0",
                      "--mode", "infer", "--output", str(out)]) == 0
     assert json.loads(out.read_text())[0]["model"] == "vit_1m_28"
+
+
+KEEP_FREED = """
+import platform, resource, torch
+from seqvision import benchmark
+def faults_of_second_fill():
+    for i in range(2):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(16 << 20).fill_(1.0)  # 64 MB, freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+cold = faults_of_second_fill()
+benchmark.keep_freed_memory()
+faults_of_second_fill()
+print(cold, faults_of_second_fill(), benchmark.machine()["malloc"])
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_keep_freed_memory_stops_refaulting_a_freed_block():
+    """By default glibc returns a freed 64 MB block to the OS, so the next one page-faults again (16k faults);
+    kept, the second one reuses it. Run in a subprocess: it changes the allocator of the whole process."""
+    out = subprocess.run([sys.executable, "-c", KEEP_FREED], capture_output=True, text=True, check=True)
+    cold, kept, label = out.stdout.split(maxsplit=2)
+    assert int(cold) > 10000 and int(kept) < 1000, out.stdout
+    assert label.strip() == "keeps freed memory"

@@ -45,6 +45,29 @@ def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
+# glibc's mallopt parameters: above these sizes freed memory goes back to the OS (trim) and new blocks come
+# from mmap, so a tensor of that size is page-faulted in again on every step.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEPT = False
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep freed memory in this process (as jemalloc or tcmalloc do) instead of handing
+    large blocks back to the OS. Implementations that allocate fresh tensors every step (timm's training
+    step) then stop page-faulting. The allocator's state is part of a speed figure: `seqvision benchmark`
+    measures in either state (`--keep-freed-memory`). Only for glibc; elsewhere it refuses."""
+    global _KEPT
+    if platform.libc_ver()[0] != "glibc":
+        raise RuntimeError(f"keep_freed_memory needs glibc's malloc, this process has {platform.libc_ver()[0]!r}")
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    for param in (_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD):
+        if libc.mallopt(param, 1 << 30) != 1:
+            raise RuntimeError(f"mallopt({param}) failed")
+    _KEPT = True
+
+
 def machine() -> dict:
     """What a speed figure depends on: the CPU, the ISA the native kernel was built for, oneDNN's ISA cap,
     and the int8 engine with its activation width."""
@@ -56,7 +79,8 @@ def machine() -> dict:
     engine, reduce_range = int8.pick_engine()
     return {"cpu": name, "cpu_isa": native.cpu_isa(), "kernel_isa": native.build_isa(),
             "onednn_isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", "none"),
-            "int8": f"{engine}, {7 if reduce_range else 8}-bit activations"}
+            "int8": f"{engine}, {7 if reduce_range else 8}-bit activations",
+            "malloc": "keeps freed memory" if _KEPT else "default"}
 
 
 def timm_equivalent(model: nn.Module) -> nn.Module | None:

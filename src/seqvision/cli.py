@@ -169,8 +169,10 @@ def _emit(rows: list[dict], args) -> None:
 
 
 def cmd_benchmark(args) -> None:
-    from .benchmark import BenchConfig, machine, run_benchmark
+    from .benchmark import BenchConfig, keep_freed_memory, machine, run_benchmark
 
+    if args.keep_freed_memory:
+        keep_freed_memory()
     print("# " + ", ".join(f"{k}: {v}" for k, v in machine().items()), file=sys.stderr)
     rows = []
     for mode in args.mode:
@@ -400,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", nargs="+", default=["auto", "reference"], help="Sequencer backends to time")
     p.add_argument("--int8", action="store_true", help="also time the dynamic-int8 model (inference)")
     p.add_argument("--no-timm", action="store_true", help="skip timm's implementation")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="make glibc's malloc keep freed memory in this process (as jemalloc/tcmalloc do): "
+                        "implementations that allocate fresh tensors every step then stop page-faulting")
     p.add_argument("--output", default="", help="write the rows to a .csv or .json file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_benchmark)
