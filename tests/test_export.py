@@ -122,7 +122,7 @@ def test_benchmark_rows(tmp_path, capsys):
 
 
 KEEP_FREED = """
-import platform, resource, torch
+import resource, torch
 from seqvision import benchmark
 def faults_of_second_fill():
     for i in range(2):

@@ -70,7 +70,7 @@ def keep_freed_memory() -> None:
 
 def machine() -> dict:
     """What a speed figure depends on: the CPU, the ISA the native kernel was built for, oneDNN's ISA cap,
-    and the int8 engine with its activation width."""
+    the int8 engine with its activation width, and whether malloc keeps freed memory."""
     name = platform.processor() or platform.machine()
     try:
         name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))

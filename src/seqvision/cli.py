@@ -179,8 +179,8 @@ def cmd_benchmark(args) -> None:
         for batch in args.batch_size:
             cfg = BenchConfig(model=args.model, batch_size=batch, img_size=args.img_size, mode=mode,
                               rounds=args.rounds, min_seconds=args.min_seconds, warmup=args.warmup,
-                              threads=args.threads,
-                              backends=tuple(args.backends), timm=not args.no_timm, int8=args.int8)
+                              threads=args.threads, backends=tuple(args.backends), timm=not args.no_timm,
+                              int8=args.int8)
             print(f"# {args.model} {mode} batch {batch} ...", file=sys.stderr)
             rows += run_benchmark(cfg)
     _emit(rows, args)
