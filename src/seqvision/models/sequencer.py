@@ -315,7 +315,7 @@ class Block(nn.Module):
         y = norm_and_seed(x, self.norm1, rnn.fc, out).view(B, H, W, C)  # out = x + fc's bias
         mixed = rnn.mix_native(y, out=scratch(B * H * W * rnn.states_width, MIXED).view(B, H, W, -1))
         mixed = mixed.reshape(B * H * W, -1)  # (B, H, W, M) -> (B*H*W, M)
-        accumulate(out, mixed, rnn.fc) if rnn.fc is not None else out.add_(mixed)
+        accumulate(out, mixed, rnn.fc)
         y = norm_and_seed(out, self.norm2, mlp.fc2, out)  # in place: out += fc2's bias
         if isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none":
             hidden = linear_gelu(y, mlp.fc1)  # overwrites the buffer the projection used: it is done with

@@ -53,12 +53,12 @@ def norm_and_seed(x: torch.Tensor, norm: nn.LayerNorm, fc: nn.Module | None, see
     return normed
 
 
-def accumulate(seed: torch.Tensor, x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
+def accumulate(seed: torch.Tensor, x: torch.Tensor, fc: nn.Module | None) -> torch.Tensor:
     """seed += fc(x) without fc's bias for a plain Linear (norm_and_seed put it into seed): the GEMM
-    accumulates onto seed, no pass of its own. Other modules are called as they are."""
+    accumulates onto seed, no pass of its own. Other modules are called as they are; no fc adds x."""
     if _plain(fc):
         return seed.addmm_(x, fc.weight.t())
-    return seed.add_(fc(x))
+    return seed.add_(x if fc is None else fc(x))
 
 
 def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
