@@ -59,7 +59,7 @@ def test_variants_match_reference(name, backend, size):
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
 def test_hidden_sizes_off_the_vector_width_match_reference():
-    # 4*D = 40 and 56: the recurrent matmul's 16-wide blocks plus its scalar tail
+    # D = 10 and 14: rows of W_hh padded to whole vectors, partial tiles; grad W_hh summed in the kernel
     compare("sequencer2d_s", "native", (28, 42), layers=(1, 1, 1, 1), hidden_sizes=(10, 14, 14, 14))
 
 
