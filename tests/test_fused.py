@@ -87,6 +87,30 @@ def test_inference_path_matches_reference(name, overrides, size):
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+def test_evaluation_after_fused_optimizer_steps_uses_the_new_weights():
+    """torch's fused AdamW (what make_optimizer gives) updates in place without bumping version counters:
+    evaluation between training steps must still see the weights of the latest step, not cached ones."""
+    from seqvision.engine import make_optimizer
+
+    model = seqvision.create_model("sequencer2d_300k_28")
+    opt = make_optimizer(model, 1e-2, 0.05)
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    for _ in range(2):
+        model.eval()
+        with torch.no_grad():
+            model(x)  # caches the stacked weights
+        model.train()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    fresh = seqvision.create_model("sequencer2d_300k_28").eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
 @pytest.mark.parametrize("images", [1, 2])
 def test_inference_in_chunks_of_images_matches_reference(monkeypatch, images):
     """Native inference runs GEMM and recurrence over chunks of images that fit in cache: batch 5 in
@@ -159,19 +183,73 @@ def test_without_a_compiler_falls_back(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
-def test_bias_gelu_epilogue_matches_torch():
-    """The MLP's inference epilogue: exact GELU of x + bias, also where erf has reached +-1; NaN passes."""
+@pytest.mark.parametrize("in_place", [True, False])
+def test_bias_gelu_epilogue_matches_torch(in_place):
+    """The MLP's epilogue: exact GELU of x + bias, also where erf has reached +-1; NaN passes. In place at
+    inference; in training x keeps x + bias for the backward."""
     x = torch.linspace(-9, 9, 30000).view(-1, 3)
     b = torch.tensor([0.0, 0.5, -2.0])
-    y = x.clone()
-    native.extension().bias_gelu_(y, b)
+    pre = x.clone()
+    y = pre if in_place else torch.empty_like(x)
+    native.extension().bias_gelu(pre, b, y)
     ref = torch.nn.functional.gelu(x + b)
     assert ((y - ref).abs() / (x + b).abs().clamp(min=1)).max() <= 1e-6
+    if not in_place:
+        assert torch.equal(pre, x + b)
     odd = torch.tensor([[float("nan"), 1.0, float("inf")]])
-    native.extension().bias_gelu_(odd, torch.zeros(3))
+    native.extension().bias_gelu(odd, torch.zeros(3), odd)
     assert odd[0, 0].isnan() and odd[0, 2] == float("inf")  # NaN stays NaN; inf is gelu's limit
-    with pytest.raises(RuntimeError, match="bias must have x.size"):
-        native.extension().bias_gelu_(torch.zeros(2, 3), torch.zeros(4))
+    with pytest.raises(RuntimeError, match=r"bias must have x.size\(1\) = 3 float32 elements, got \[4\]"):
+        native.extension().bias_gelu(torch.zeros(2, 3), torch.zeros(4), torch.zeros(2, 3))
+    with pytest.raises(RuntimeError, match=r"got \[2, 3\] and \[3, 2\]"):
+        native.extension().bias_gelu(torch.zeros(2, 3), torch.zeros(3), torch.zeros(3, 2))
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+def test_linear_gelu_matches_torch_in_value_and_gradient():
+    """The MLP's first layer in training against F.linear + F.gelu: output and the three gradients, over
+    pre-activations from -9 to 9 (GELU's derivative overshoots 1 and its tails vanish); a NaN input row
+    gives NaN in that row only; the bias gradient's partial sums (blocks of 256 rows) do not depend on
+    the thread count."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 200, 16) * 3).requires_grad_()  # 600 rows: three blocks, the last one partial
+    w = (torch.randn(48, 16) * 0.3).requires_grad_()
+    b = torch.randn(48).requires_grad_()
+    g = torch.randn(3, 200, 48)
+    ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
+    ref_grads = torch.autograd.grad(ref, (x, w, b), g)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            y = native.LinearGELU.apply(x, w, b)
+            runs.append((y, torch.autograd.grad(y, (x, w, b), g)))
+    finally:
+        torch.set_num_threads(threads)
+    y, grads = runs[0]
+    assert y.shape == ref.shape and (y - ref).abs().max() <= 1e-5
+    for got, want in zip(grads, ref_grads):
+        assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+    assert torch.equal(runs[1][1][2], grads[2])
+    bad = x.detach().clone()
+    bad[1, 7, 3] = float("nan")
+    y = native.LinearGELU.apply(bad, w, b)
+    assert y[1, 7].isnan().all() and not y[1, 8:].isnan().any() and not y[0].isnan().any()
+
+
+def test_mlp_takes_linear_gelu_in_training_on_the_native_backends_only():
+    model = seqvision.create_model("sequencer2d_300k_28")
+    mlp = model.stages[0].blocks[0].mlp_channels
+    x = torch.randn(2, 7, 7, 64)
+    assert mlp.runs_native(x) == HAVE_NATIVE
+    with torch.no_grad():
+        assert not mlp.runs_native(x)  # inference has its own paths (Block.forward_inference)
+    assert not mlp.runs_native(x.double())
+    model.set_backend("reference")
+    assert not mlp.runs_native(x)  # the reference is plain PyTorch throughout
+    model.set_backend("fused")
+    assert not mlp.runs_native(x)
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import create_model
+from .engine import make_optimizer
 from .flops import count_macs, count_params
 from .ops import int8, native
 from .quantize import quantize_int8
@@ -114,7 +115,7 @@ def _step_fn(model: nn.Module, x: torch.Tensor, mode: str):
                 model(x)
         return run
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model, 1e-4, 0.05)  # the optimizer `seqvision train` runs, for both models
     y = torch.randint(0, max(model.num_classes, 1), (x.shape[0],))
 
     def run():

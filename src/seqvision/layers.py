@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .ops import native
+
 
 def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
     """Truncated-normal fan-in init (JAX's lecun_normal), as the reference code uses for convs."""
@@ -46,7 +48,11 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Linear -> GELU -> Dropout -> Linear -> Dropout on the last dimension."""
+    """Linear -> GELU -> Dropout -> Linear -> Dropout on the last dimension.
+
+    With `native` set (Sequencer's auto and native backends set it), autograd on float32 CPU tensors runs
+    the first Linear and the GELU as seqvision.ops.native.LinearGELU: the same function, fewer passes.
+    """
 
     def __init__(self, dim: int, hidden: int, out: int | None = None, drop: float = 0.0):
         super().__init__()
@@ -55,9 +61,21 @@ class Mlp(nn.Module):
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden, out or dim)
         self.drop2 = nn.Dropout(drop)
+        self.native = False
+
+    def runs_native(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) takes LinearGELU: autograd on, float32 on the CPU, a plain Linear with a bias
+        and exact GELU (an int8 or swapped layer keeps its own forward)."""
+        return (self.native and torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu"
+                and type(self.fc1) is nn.Linear and self.fc1.bias is not None
+                and type(self.act) is nn.GELU and self.act.approximate == "none")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        if self.runs_native(x):
+            h = native.LinearGELU.apply(x, self.fc1.weight, self.fc1.bias)
+        else:
+            h = self.act(self.fc1(x))
+        return self.drop2(self.fc2(self.drop1(h)))
 
 
 class PatchEmbed(nn.Module):

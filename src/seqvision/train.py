@@ -19,7 +19,7 @@ from . import create_model
 from .checkpoint import latest_checkpoint, locked, read_checkpoint, resolve_weights, save_checkpoint
 from .config import TrainConfig, resume_differences, run_folder, saved_config
 from .data import DataError, Seeded, build_datasets, build_transform, held_out
-from .engine import NonFiniteLoss, evaluate, optimizer_step, seed_step, train_micro_step
+from .engine import NonFiniteLoss, evaluate, make_optimizer, optimizer_step, seed_step, train_micro_step
 from .errors import ConfigError, require
 from .weights import atomic_write, load_model, load_state_dict, load_weights, save_model
 
@@ -139,7 +139,6 @@ def build(cfg: TrainConfig) -> Run:
     """Data, model, optimizer, schedule and loaders of a run, from its config alone."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
     if cfg.tensorboard:
@@ -187,7 +186,7 @@ def build(cfg: TrainConfig) -> Run:
     total = cfg.epochs * steps_per_epoch
     total = min(cfg.max_steps, total) if cfg.max_steps > 0 else total
 
-    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=cfg.epochs - cfg.cooldown_epochs,
                                        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
                                        cooldown_epochs=cfg.cooldown_epochs, step_on_epochs=False,

@@ -171,7 +171,7 @@ class RNN2d(nn.Module):
         adds b_hh into the bias (where the cell adds it unchanged: LSTM, tanh-RNN).
 
         Outside autograd the result is cached until a parameter changes (its version counter or storage
-        moves), so inference does not concatenate weights on every call.
+        moves) or the module changes mode (`train`), so inference does not concatenate weights on every call.
         """
         dirs = self.directions()
         key = None if torch.is_grad_enabled() else (fold, tuple((p.data_ptr(), p._version) for *_, w in dirs
@@ -186,6 +186,14 @@ class RNN2d(nn.Module):
         if key is not None:
             self.__dict__["_stacked_cache"] = (key, value)  # not a buffer: never saved, moved or counted
         return value
+
+    def train(self, mode: bool = True) -> "RNN2d":
+        """Also drops the cached stacked and packed weights: fused optimizers (torch's AdamW(fused=True))
+        update parameters in place without bumping their version counters, so evaluation after training
+        steps would otherwise run on the weights of the last evaluation."""
+        self.__dict__.pop("_stacked_cache", None)
+        self.__dict__.pop("_packed_hh", None)
+        return super().train(mode)
 
     def mix_native(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The mixing with the recurrence in C++ (CPU): (B, H, W, C) -> (B, H, W, union width). Outside
@@ -399,10 +407,14 @@ class Sequencer(nn.Module):
         self.set_backend(cfg.backend)
 
     def set_backend(self, backend: str) -> None:
-        """Run every BiLSTM2D with "reference" (torch's RNN modules), "fused" or "auto" (fastest available)."""
+        """Run every BiLSTM2D with "reference" (torch's RNN modules), "fused" or "auto" (fastest available).
+        "auto" and "native" also give the MLPs the native Linear + GELU in training where the extension
+        builds; "reference" is plain PyTorch throughout."""
         for m in self.modules():
             if isinstance(m, RNN2d):
                 m.set_backend(backend)
+            elif isinstance(m, Mlp):
+                m.native = backend in ("auto", "native") and native.available()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:

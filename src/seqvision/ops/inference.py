@@ -72,5 +72,5 @@ def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
     torch.mm(x, fc.weight.t(), out=hidden)
     if fc.bias is None:
         return torch.ops.aten.gelu_(hidden)
-    native.extension().bias_gelu_(hidden, fc.bias)
+    native.extension().bias_gelu(hidden, fc.bias, hidden)
     return hidden

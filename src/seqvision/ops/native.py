@@ -1,5 +1,6 @@
 """The compiled LSTM recurrence (csrc/lstm_recurrence.cpp) and its autograd Function; the same binary holds
-the block's inference epilogue (bias + GELU, used by seqvision.ops.inference).
+the MLP's bias + GELU (LinearGELU here in training, seqvision.ops.inference at inference) and the inference
+block's LayerNorm pass.
 
 The extension is compiled on first use for one instruction set, and its build folder is named after that
 instruction set and a hash of everything the binary depends on (source, flags, torch install), so:
@@ -166,6 +167,32 @@ class LSTMRecurrence(torch.autograd.Function):
             grad_w[ks], grad_b[ks] = ext.lstm_backward(grad_out, grad_xg, hs, cs, acts, w_hh[ks], slots, axes,
                                                        reverses)
         return grad_xg, grad_b, grad_w, None
+
+
+class LinearGELU(torch.autograd.Function):
+    """gelu(x @ weight^T + bias) (exact GELU) for float32 CPU tensors, x (..., K): the MLP's first layer in
+    training. The bias and GELU take one pass after the GEMM, which keeps the pre-activation for the backward;
+    the backward's GELU derivative also sums the bias gradient. Against F.linear + F.gelu on the 300k model's
+    shapes (6272 x 192 and x 288), forward and backward: 15% faster (AMD EPYC Zen 3, 2 threads)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ext = extension()
+        x2 = x.reshape(-1, x.shape[-1])  # (..., K) -> (M, K)
+        pre = torch.mm(x2, weight.t())  # (M, N), + bias in the pass below
+        y = torch.empty_like(pre)
+        ext.bias_gelu(pre, bias, y)
+        ctx.save_for_backward(x2, weight, pre)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, weight, pre = ctx.saved_tensors
+        grad_pre = torch.empty_like(pre)
+        grad_b = extension().gelu_backward_bias(grad_y.reshape(pre.shape).contiguous(), pre, grad_pre)
+        grad_x = torch.mm(grad_pre, weight).view(*grad_y.shape[:-1], -1) if ctx.needs_input_grad[0] else None
+        grad_w = torch.mm(grad_pre.t(), x2) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, grad_b
 
 
 def pack_recurrent(w_hh: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,13 @@
 // the images rather than some of the directions over all of them, and consecutive tiles read the gates of
 // the same pixels (measured faster; see the README).
 //
-// At the end, the Sequencer block's other fused loops at inference: the MLP's bias + GELU (bias_gelu_), and
+// At the end, the Sequencer block's other fused loops: the MLP's bias + GELU (bias_gelu, gelu_backward_bias), and
 // LayerNorm together with the bias add that starts the next GEMM's accumulator (layer_norm_seed).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -77,6 +78,22 @@ constexpr float ERF_P[] = {-2.72614225801306e-10f, 2.77068142495902e-08f, -2.101
 constexpr float ERF_Q[] = {-1.45660718464996e-05f, -2.13374055278905e-04f, -1.68282697438203e-03f,
                            -7.37332916720468e-03f, -1.42647390514189e-02f};
 inline float erf_(float x) { return odd_rational(x, 4.f, ERF_P, ERF_Q); }
+
+// exp, relative error < 2e-7: Cody-Waite reduction by ln 2 and Cephes' polynomial, 2^n built in the exponent
+// bits; inlined for the same reason as above (GCC calls a scalar expf without -ffast-math). NaN stays NaN.
+inline float exp_(float x) {
+  x = x < -87.f ? -87.f : x;
+  x = x > 88.f ? 88.f : x;
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = p * r + c;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return (p * r * r + r + 1.f) * scale;
+}
 
 // Columns per panel of packed weights: one row block of the kernel below.
 constexpr int64_t PW = VB * VL;
@@ -378,27 +395,68 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
   return {grad_w, part_b.sum(1)};
 }
 
-// x = gelu(x + bias) in place, x (M, N) contiguous, bias (N,), exact (erf) GELU: the epilogue of the MLP's
-// first GEMM at inference, one pass over its output where addmm + gelu_ make two (the bias copied into the
-// output before the GEMM, then GELU) and a third read.
-void bias_gelu_(torch::Tensor x, torch::Tensor bias) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat && x.device().is_cpu(),
-              "x must be a contiguous 2-D float32 CPU tensor");
+// x += bias and y = gelu(x) (exact, erf), x and y (M, N) contiguous, bias (N,); y may be x. The epilogue of the
+// MLP's first GEMM: at inference in place (one pass where addmm + gelu_ make two, the bias copied into the
+// output before the GEMM, then GELU), in training into y, x keeping the pre-activation for the backward.
+void bias_gelu(torch::Tensor x, torch::Tensor bias, torch::Tensor y) {
+  auto ok = [](const torch::Tensor& t) {
+    return t.dim() == 2 && t.is_contiguous() && t.scalar_type() == torch::kFloat && t.device().is_cpu();
+  };
+  TORCH_CHECK(ok(x) && ok(y) && y.sizes() == x.sizes(), "x and y must be contiguous 2-D float32 CPU tensors of one "
+              "shape, got ", x.sizes(), " and ", y.sizes());
   TORCH_CHECK(bias.is_contiguous() && bias.numel() == x.size(1) && bias.scalar_type() == torch::kFloat,
-              "bias must have x.size(1) float32 elements");
+              "bias must have x.size(1) = ", x.size(1), " float32 elements, got ", bias.sizes());
   const int64_t N = x.size(1);
-  float* xp = x.data_ptr<float>();
+  float *xp = x.data_ptr<float>(), *yp = y.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
   at::parallel_for(0, x.size(0), std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      float* xr = xp + r * N;
+      float *xr = xp + r * N, *yr = yp + r * N;
 #pragma omp simd
       for (int64_t j = 0; j < N; ++j) {
         const float v = xr[j] + bp[j];
-        xr[j] = 0.5f * v * (1.f + erf_(v * 0.70710678118654752f));
+        xr[j] = v;
+        yr[j] = 0.5f * v * (1.f + erf_(v * 0.70710678118654752f));
       }
     }
   });
+}
+
+// Rows per partial sum of gelu_backward_bias: a fixed blocking, so the bias gradient is the same for any
+// thread count.
+constexpr int64_t GELU_ROWS = 256;
+
+// dx = dy * gelu'(x) for the pre-activation x, all (M, N) contiguous; returns the bias gradient, the column
+// sums of dx, from the same pass (autograd's addmm backward reads dx again for them).
+torch::Tensor gelu_backward_bias(torch::Tensor dy, torch::Tensor x, torch::Tensor dx) {
+  auto ok = [&](const torch::Tensor& t) {
+    return t.is_contiguous() && t.scalar_type() == torch::kFloat && t.device().is_cpu() && t.sizes() == x.sizes();
+  };
+  TORCH_CHECK(x.dim() == 2 && ok(x) && ok(dy) && ok(dx), "dy, x and dx must be contiguous float32 CPU tensors of one "
+              "2-D shape, got ", dy.sizes(), ", ", x.sizes(), ", ", dx.sizes());
+  const int64_t M = x.size(0), N = x.size(1), blocks = (M + GELU_ROWS - 1) / GELU_ROWS;
+  auto part = torch::zeros({blocks, N}, x.options());
+  const float *gp = dy.data_ptr<float>(), *xp = x.data_ptr<float>();
+  float *dp = dx.data_ptr<float>(), *pp = part.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      float* acc = pp + blk * N;
+      for (int64_t r = blk * GELU_ROWS; r < std::min(M, (blk + 1) * GELU_ROWS); ++r) {
+        const float *xr = xp + r * N, *gr = gp + r * N;
+        float* dr = dp + r * N;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) {
+          const float v = xr[j];
+          const float cdf = 0.5f * (1.f + erf_(v * 0.70710678118654752f));
+          const float pdf = 0.39894228040143268f * exp_(-0.5f * v * v);
+          const float d = gr[j] * (cdf + v * pdf);
+          dr[j] = d;
+          acc[j] += d;
+        }
+      }
+    }
+  });
+  return part.sum(0);
 }
 
 // out = layer_norm(x) over rows of x (M, C), and, in the same pass, seed = x + add (add (C,) or none: seed
@@ -450,6 +508,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_recurrent", &pack_recurrent, "W_hh (K, 4D, D) in the layout lstm_forward reads");
   m.def("lstm_forward", &lstm_forward, "BiLSTM2D recurrences of one group of directions, forward");
   m.def("lstm_backward", &lstm_backward, "BiLSTM2D recurrences of one group of directions, backward");
-  m.def("bias_gelu_", &bias_gelu_, "x = gelu(x + bias) in place (exact GELU), the MLP's inference epilogue");
+  m.def("bias_gelu", &bias_gelu, "x += bias, y = gelu(x) (exact GELU; y may be x): the MLP's first epilogue");
+  m.def("gelu_backward_bias", &gelu_backward_bias, "dx = dy * gelu'(x), and the column sums of dx");
   m.def("layer_norm_seed", &layer_norm_seed, "out = layer_norm(x), seed = x + add, in one pass over x");
 }
