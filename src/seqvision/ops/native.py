@@ -173,7 +173,7 @@ class LinearGELU(torch.autograd.Function):
     """gelu(x @ weight^T + bias) (exact GELU) for float32 CPU tensors, x (..., K): the MLP's first layer in
     training. The bias and GELU take one pass after the GEMM, which keeps the pre-activation for the backward;
     the backward's GELU derivative also sums the bias gradient. Against F.linear + F.gelu on the 300k model's
-    shapes (6272 x 192 and x 288), forward and backward: 15% faster (AMD EPYC Zen 3, 2 threads)."""
+    shapes (6272 x 192 and x 288), forward and backward: 13-15% faster (AMD EPYC Zen 3, 2 threads)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
