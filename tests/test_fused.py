@@ -246,6 +246,8 @@ def test_mlp_takes_linear_gelu_in_training_on_the_native_backends_only():
     with torch.no_grad():
         assert not mlp.runs_native(x)  # inference has its own paths (Block.forward_inference)
     assert not mlp.runs_native(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not mlp.runs_native(x)  # autocast would hand the native pass a bf16 GEMM output
     model.set_backend("reference")
     assert not mlp.runs_native(x)  # the reference is plain PyTorch throughout
     model.set_backend("fused")

@@ -64,10 +64,10 @@ class Mlp(nn.Module):
         self.native = False
 
     def runs_native(self, x: torch.Tensor) -> bool:
-        """Whether forward(x) takes LinearGELU: autograd on, float32 on the CPU, a plain Linear with a bias
-        and exact GELU (an int8 or swapped layer keeps its own forward)."""
+        """Whether forward(x) takes LinearGELU: autograd on, float32 on the CPU outside autocast, a plain
+        Linear with a bias and exact GELU (an int8 or swapped layer keeps its own forward)."""
         return (self.native and torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu"
-                and type(self.fc1) is nn.Linear and self.fc1.bias is not None
+                and not torch.is_autocast_enabled("cpu") and type(self.fc1) is nn.Linear and self.fc1.bias is not None
                 and type(self.act) is nn.GELU and self.act.approximate == "none")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -80,11 +80,12 @@ constexpr float ERF_Q[] = {-1.45660718464996e-05f, -2.13374055278905e-04f, -1.68
 inline float erf_(float x) { return odd_rational(x, 4.f, ERF_P, ERF_Q); }
 
 // exp, relative error < 2e-7: Cody-Waite reduction by ln 2 and Cephes' polynomial, 2^n built in the exponent
-// bits; inlined for the same reason as above (GCC calls a scalar expf without -ffast-math). NaN stays NaN.
+// bits; inlined for the same reason as above (GCC calls a scalar expf without -ffast-math). n is rounded by
+// adding and subtracting 1.5 * 2^23, which vectorises on every ISA (floorf needs SSE4.1). NaN stays NaN.
 inline float exp_(float x) {
   x = x < -87.f ? -87.f : x;
   x = x > 88.f ? 88.f : x;
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
