@@ -96,6 +96,11 @@ inline float exp_(float x) {
   return (p * r * r + r + 1.f) * scale;
 }
 
+// What the elementwise kernels at the end read and write: contiguous float32 CPU tensors.
+inline bool cpu_float(const torch::Tensor& t) {
+  return t.is_contiguous() && t.scalar_type() == torch::kFloat && t.device().is_cpu();
+}
+
 // Columns per panel of packed weights: one row block of the kernel below.
 constexpr int64_t PW = VB * VL;
 
@@ -400,11 +405,8 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
 // MLP's first GEMM: at inference in place (one pass where addmm + gelu_ make two, the bias copied into the
 // output before the GEMM, then GELU), in training into y, x keeping the pre-activation for the backward.
 void bias_gelu(torch::Tensor x, torch::Tensor bias, torch::Tensor y) {
-  auto ok = [](const torch::Tensor& t) {
-    return t.dim() == 2 && t.is_contiguous() && t.scalar_type() == torch::kFloat && t.device().is_cpu();
-  };
-  TORCH_CHECK(ok(x) && ok(y) && y.sizes() == x.sizes(), "x and y must be contiguous 2-D float32 CPU tensors of one "
-              "shape, got ", x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(x.dim() == 2 && cpu_float(x) && cpu_float(y) && y.sizes() == x.sizes(), "x and y must be contiguous "
+              "2-D float32 CPU tensors of one shape, got ", x.sizes(), " and ", y.sizes());
   TORCH_CHECK(bias.is_contiguous() && bias.numel() == x.size(1) && bias.scalar_type() == torch::kFloat,
               "bias must have x.size(1) = ", x.size(1), " float32 elements, got ", bias.sizes());
   const int64_t N = x.size(1);
@@ -430,11 +432,9 @@ constexpr int64_t GELU_ROWS = 256;
 // dx = dy * gelu'(x) for the pre-activation x, all (M, N) contiguous; returns the bias gradient, the column
 // sums of dx, from the same pass (autograd's addmm backward reads dx again for them).
 torch::Tensor gelu_backward_bias(torch::Tensor dy, torch::Tensor x, torch::Tensor dx) {
-  auto ok = [&](const torch::Tensor& t) {
-    return t.is_contiguous() && t.scalar_type() == torch::kFloat && t.device().is_cpu() && t.sizes() == x.sizes();
-  };
-  TORCH_CHECK(x.dim() == 2 && ok(x) && ok(dy) && ok(dx), "dy, x and dx must be contiguous float32 CPU tensors of one "
-              "2-D shape, got ", dy.sizes(), ", ", x.sizes(), ", ", dx.sizes());
+  TORCH_CHECK(x.dim() == 2 && cpu_float(x) && cpu_float(dy) && cpu_float(dx) && dy.sizes() == x.sizes() &&
+              dx.sizes() == x.sizes(), "dy, x and dx must be contiguous float32 CPU tensors of one 2-D shape, got ",
+              dy.sizes(), ", ", x.sizes(), ", ", dx.sizes());
   const int64_t M = x.size(0), N = x.size(1), blocks = (M + GELU_ROWS - 1) / GELU_ROWS;
   auto part = torch::zeros({blocks, N}, x.options());
   const float *gp = dy.data_ptr<float>(), *xp = x.data_ptr<float>();
@@ -467,15 +467,13 @@ torch::Tensor gelu_backward_bias(torch::Tensor dy, torch::Tensor x, torch::Tenso
 void layer_norm_seed(torch::Tensor x, c10::optional<torch::Tensor> weight, c10::optional<torch::Tensor> bias,
                      double eps, c10::optional<torch::Tensor> add, torch::Tensor out, torch::Tensor seed) {
   const int64_t C = x.size(-1);
-  auto ok = [&](const torch::Tensor& t) {
-    return t.is_contiguous() && t.scalar_type() == torch::kFloat && t.device().is_cpu();
-  };
-  TORCH_CHECK(x.dim() == 2 && ok(x) && ok(out) && ok(seed) && out.sizes() == x.sizes() && seed.sizes() == x.sizes(),
+  TORCH_CHECK(x.dim() == 2 && cpu_float(x) && cpu_float(out) && cpu_float(seed) && out.sizes() == x.sizes() &&
+              seed.sizes() == x.sizes(),
               "x, out and seed must be contiguous float32 CPU tensors of one 2-D shape, got ", x.sizes(), ", ",
               out.sizes(), ", ", seed.sizes());
   TORCH_CHECK(out.data_ptr() != x.data_ptr(), "out must not be x (seed may be)");
   for (const auto* t : {&weight, &bias, &add})
-    TORCH_CHECK(!t->has_value() || (ok(**t) && (*t)->numel() == C), "weight, bias and add must be (", C,
+    TORCH_CHECK(!t->has_value() || (cpu_float(**t) && (*t)->numel() == C), "weight, bias and add must be (", C,
                 ") float32, got ", (*t)->sizes());
   const float *xp = x.data_ptr<float>(), *wp = weight ? weight->data_ptr<float>() : nullptr;
   const float *bp = bias ? bias->data_ptr<float>() : nullptr, *ap = add ? add->data_ptr<float>() : nullptr;
