@@ -19,9 +19,9 @@ X86 = native.cpu_isa() != "baseline"
 HAVE_NATIVE = native.available()
 
 
-def run_python(code: str, **env) -> str:
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                         timeout=900)
+def run_python(code: str, *args: str, **env) -> str:
+    out = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, **env}, capture_output=True,
+                         text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -122,18 +122,19 @@ def test_a_wider_isa_than_the_cpu_is_refused(monkeypatch):
         native.build_isa()
 
 
-NARROW_KERNEL = """
-import os, torch, seqvision
+# Run against whichever build is loaded: train and eval outputs and every gradient against the reference,
+# at hidden sizes 10 and 24 (grad W_hh summed in the kernel) and 56 (the GEMM at the end), off the vector
+# width; then NaN propagation.
+KERNEL_CHECKS = """
+import torch, seqvision
 from seqvision.models.sequencer import RNN2d
-from seqvision.ops import native
-assert native.build_isa() == os.environ["SEQVISION_ISA"], native.build_isa()
-print(native.build_spec().directory / (native.build_spec().name + ".so"))
 torch.manual_seed(0)
+hidden = (10, 24, 56, 24)
 for name, size in [("sequencer2d_s", (28, 42)), ("sequencer2d_s", (28, 28)), ("sequencer2d_s_add", (28, 28))]:
-    ref = seqvision.create_model(name, backend="reference", layers=(1, 1, 1, 1), hidden_sizes=(10, 24, 24, 24))
+    ref = seqvision.create_model(name, backend="reference", layers=(1, 1, 1, 1), hidden_sizes=hidden)
     g = torch.Generator().manual_seed(1)
     ref.load_state_dict({k: torch.randn(v.shape, generator=g) * 0.05 for k, v in ref.state_dict().items()})
-    fast = seqvision.create_model(name, backend="native", layers=(1, 1, 1, 1), hidden_sizes=(10, 24, 24, 24))
+    fast = seqvision.create_model(name, backend="native", layers=(1, 1, 1, 1), hidden_sizes=hidden)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(3, 3, *size)
     outs = [m.train()(x) for m in (ref, fast)]
@@ -155,6 +156,26 @@ for train in (True, False):
     assert torch.equal(torch.isnan(ref), torch.isnan(got)), train
 """
 
+NARROW_KERNEL = """
+import os
+from seqvision.ops import native
+assert native.build_isa() == os.environ["SEQVISION_ISA"], native.build_isa()
+print(native.build_spec().directory / (native.build_spec().name + ".so"))
+""" + KERNEL_CHECKS
+
+# The AVX-512 build's tile shape (6 x 4 blocks of 16 floats) compiled for this CPU's own ISA, in a build
+# folder of the test's own, and put in place of the usual build.
+AVX512_TILES = """
+import sys
+from torch.utils.cpp_extension import load
+from seqvision.ops import native
+spec = native.build_spec()
+native._EXT[spec.isa] = load("seqvision_lstm_avx512_tiles", [str(native.SOURCE)], build_directory=sys.argv[1],
+                             extra_cflags=[*spec.cflags, "-DSEQVISION_AVX512_TILES"], extra_ldflags=list(spec.ldflags))
+import torch
+assert native.pack_recurrent(torch.zeros(1, 40, 10)).shape[-1] == 48  # 4D = 40 padded to 16 floats, not 8
+""" + KERNEL_CHECKS
+
 
 @pytest.mark.skipif(not (X86 and HAVE_NATIVE), reason="needs an x86 CPU and a C++ compiler")
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
@@ -165,6 +186,15 @@ def test_narrower_kernel_builds_match_the_reference(isa):
     if shutil.which("objdump"):
         asm = subprocess.run(["objdump", "-d", so], capture_output=True, text=True).stdout
         assert "zmm" not in asm and ("ymm" in asm) == (isa == "avx2")
+
+
+@pytest.mark.slow  # a build of its own: about a minute of compiling
+@pytest.mark.skipif(not (X86 and HAVE_NATIVE) or native.cpu_isa() == "avx512",
+                    reason="needs an x86 CPU without AVX-512 (where the AVX-512 build itself is tested) and a compiler")
+def test_avx512_tile_shape_matches_the_reference_on_any_cpu(tmp_path):
+    """The AVX-512 build's tiles, padding to 16 floats and partial sums, checked on a CPU that cannot run
+    that build."""
+    run_python(AVX512_TILES, str(tmp_path))
 
 
 @pytest.mark.parametrize("backend", ["reference", "fused"] + (["native"] if HAVE_NATIVE else []))

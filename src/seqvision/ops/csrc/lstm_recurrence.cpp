@@ -28,7 +28,9 @@ namespace {
 // 12 accumulators beside 3 weight vectors and the broadcast; it beat 6 x 2 (the same 12 accumulators, one
 // load less per 12 FMAs, and tiles of 4 divide the 16 or 32 sequences of a batch-1 image) by 7-14% on an
 // AMD EPYC (Zen 3), and 4 x 2, 5 x 2, 8 x 1 and 3 x 4 too. Baseline SSE (16 xmm) takes the AVX2 shape.
-#ifdef __AVX512F__
+// SEQVISION_AVX512_TILES gives a narrower build the AVX-512 shape (GCC splits the 64-byte vectors), so that
+// a machine without AVX-512 can check that shape's tiling, padding and partial sums against the reference.
+#if defined(__AVX512F__) || defined(SEQVISION_AVX512_TILES)
 constexpr int64_t RT = 6;
 constexpr int VB = 4;
 constexpr int VL = 16;
