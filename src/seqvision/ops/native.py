@@ -151,20 +151,20 @@ class LSTMRecurrence(torch.autograd.Function):
         for slots, axes, reverses in groups:
             saved += ext.lstm_forward(xg, bias, w_t[slots[0]: slots[-1] + 1], out, slots, axes, reverses, save)
         ctx.groups = groups
-        ctx.save_for_backward(w_hh, *saved)
+        ctx.save_for_backward(w_hh, out, *saved)  # backward reads the hidden states from out
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         ext = extension()
-        w_hh, *saved = ctx.saved_tensors
+        w_hh, out, *saved = ctx.saved_tensors
         B, H, W, _ = grad_out.shape
         grad_xg = grad_out.new_empty(B, H, W, w_hh.shape[0], w_hh.shape[1])  # every slot is in one group
         grad_w, grad_b = torch.empty_like(w_hh), grad_out.new_empty(w_hh.shape[:2])
         for i, (slots, axes, reverses) in enumerate(ctx.groups):
-            hs, cs, acts = saved[3 * i: 3 * i + 3]
+            cs, acts = saved[2 * i: 2 * i + 2]
             ks = slice(slots[0], slots[-1] + 1)
-            grad_w[ks], grad_b[ks] = ext.lstm_backward(grad_out, grad_xg, hs, cs, acts, w_hh[ks], slots, axes,
+            grad_w[ks], grad_b[ks] = ext.lstm_backward(grad_out, grad_xg, out, cs, acts, w_hh[ks], slots, axes,
                                                        reverses)
         return grad_xg, grad_b, grad_w, None
 

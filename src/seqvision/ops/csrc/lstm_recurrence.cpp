@@ -214,7 +214,8 @@ torch::Tensor pack_recurrent(torch::Tensor w_hh) {
 // xg: (B, H, W, K, 4D) input projections without bias; bias: (K, 4D), b_ih + b_hh, added in the cell
 // (so the projection GEMM needs no bias copy); w_t: pack_recurrent(W_hh) of the Kg directions of this
 // group, whose xg/out/bias slots are `slots`; out: (B, H, W, K*D) written for those slots.
-// With `save`, returns hs, cs (Kg, T, N, D) and activated gates (Kg, T, N, 4D) for backward.
+// With `save`, returns cs (Kg, T, N, D) and activated gates (Kg, T, N, 4D) for backward, which reads the
+// hidden states from out.
 std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor bias, torch::Tensor w_t, torch::Tensor out,
                                         std::vector<int64_t> slots, std::vector<int64_t> axis,
                                         std::vector<int64_t> reverse, bool save) {
@@ -229,15 +230,13 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor bias, to
   Geometry geo = geometry(xg, D, axis, reverse);
   const int64_t T = geo.T(), N = geo.N(), K = geo.K, OW = out.size(3), tiles = (N + RT - 1) / RT;
   auto opts = xg.options();
-  torch::Tensor hs, cs, acts;
+  torch::Tensor cs, acts;
   if (save) {
-    hs = torch::empty({Kg, T, N, D}, opts);
     cs = torch::empty({Kg, T, N, D}, opts);
     acts = torch::empty({Kg, T, N, G}, opts);
   }
   const float *x = xg.data_ptr<float>(), *bp = bias.data_ptr<float>(), *wp = w_t.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  float* hsp = save ? hs.data_ptr<float>() : nullptr;
   float* csp = save ? cs.data_ptr<float>() : nullptr;
   float* ap = save ? acts.data_ptr<float>() : nullptr;
   at::parallel_for(0, Kg * tiles, 1, [&](int64_t begin, int64_t end) {
@@ -261,7 +260,6 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor bias, to
           if (save) {
             const int64_t at_t = (k * T + t) * N + n0 + r;
             cell<true>(g, xr, br, D, cr, hr, orow, ap + at_t * G);
-            std::copy(hr, hr + D, hsp + at_t * D);
             std::copy(cr, cr + D, csp + at_t * D);
           } else {
             cell<false>(g, xr, br, D, cr, hr, orow, nullptr);
@@ -270,7 +268,7 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor xg, torch::Tensor bias, to
       }
     }
   });
-  return {hs, cs, acts};
+  return {cs, acts};
 }
 
 // acc (G, Dp) += dg (RT, G)^T @ hp (RT, Dp): one step's share of grad W_hh for a tile, Dp a multiple of VL.
@@ -291,34 +289,58 @@ inline void outer_acc(const float* dg, int64_t G, const float* hp, int64_t Dp, f
 // items' partial sums are added in a fixed order, so the result does not depend on the thread count.
 constexpr int64_t TILES_PER_ITEM = 8;
 // grad W_hh is summed in the kernel, step by step, while a direction's (4D, D) accumulator fits in this many
-// bytes (L1 or close to it); a larger one is one GEMM at the end over every step's gate gradients, written
-// out for it. AMD EPYC (Zen 3, 32 KB L1), AVX2, backward of one BiLSTM2D: in the kernel 20-25% faster at
-// D = 16 and 24, 8-13% at D = 32 and 48 (36 KB), 10% slower at D = 64 and 96.
+// bytes (L1 or close to it); a larger one is a GEMM at the end (grad_w_hh_gemm). AMD EPYC (Zen 3, 32 KB
+// L1), AVX2, backward of one BiLSTM2D: in the kernel 20-25% faster at D = 16 and 24, 8-13% at D = 32 and
+// 48 (36 KB), 10% slower at D = 64 and 96.
 constexpr int64_t GRAD_W_IN_KERNEL_BYTES = 48 << 10;
 
-// Backpropagation through time for one group. grad_out: (B, H, W, K*D); grad_xg: (B, H, W, K, 4D),
-// written for this group's slots. Returns grad W_hh (Kg, 4D, D) and grad bias (Kg, 4D).
+// grad W_hh (4D, D) of the direction in `slot` = sum over pixels of its gate gradients (grad_xg) times h one
+// step earlier in its order (out), read where the backward left them: one GEMM over the flat pixel range
+// against itself shifted by one step (s pixels: a row down the columns, one pixel along the rows), minus the
+// pairs that shift joins across the start of a sequence (the first step of each run of L pixels).
+torch::Tensor grad_w_hh_gemm(const torch::Tensor& grad_xg, const torch::Tensor& out, int64_t slot, int64_t D,
+                             bool columns, bool reverse) {
+  const int64_t H = grad_xg.size(1), W = grad_xg.size(2), K = grad_xg.size(3), G = grad_xg.size(4);
+  if ((columns ? H : W) == 1) return torch::zeros({G, D}, out.options());  // one step: no h_{t-1}
+  const int64_t s = columns ? W : 1, L = columns ? H * W : W;
+  auto g = grad_xg.view({-1, K, G}).select(1, slot);      // (B, H, W, K, G) -> (B*H*W, G), rows K*G apart
+  auto h = out.view({-1, out.size(3)}).narrow(1, slot * D, D);  // (B, H, W, K*D) -> (B*H*W, D), rows K*D apart
+  const int64_t P = g.size(0);
+  // h_{t-1} sits s pixels before (forward) or after (reverse) the pixel of step t
+  auto gw = at::mm(g.narrow(0, reverse ? 0 : s, P - s).t(), h.narrow(0, reverse ? s : 0, P - s));
+  auto gr = g.view({-1, L, G}), hr = h.view({-1, L, D});  // (B*H*W, .) -> (runs, L, .): runs of sequences
+  const int64_t R = gr.size(0);
+  // each run's first step (the first s pixels forward, the last s reversed) against the neighbouring run's end
+  auto a = reverse ? gr.narrow(0, 0, R - 1).narrow(1, L - s, s) : gr.narrow(0, 1, R - 1).narrow(1, 0, s);
+  auto b = reverse ? hr.narrow(0, 1, R - 1).narrow(1, 0, s) : hr.narrow(0, 0, R - 1).narrow(1, L - s, s);
+  return gw.sub_(at::mm(a.reshape({-1, G}).t(), b.reshape({-1, D})));
+}
+
+// Backpropagation through time for one group. grad_out: (B, H, W, K*D); grad_xg: (B, H, W, K, 4D), written
+// for this group's slots; out: the forward's output (B, H, W, K*D), whose hidden states the forward therefore
+// does not save again. Returns grad W_hh (Kg, 4D, D) and grad bias (Kg, 4D).
 // grad W_hh = sum over t >= 1 of dgates_t^T @ h_{t-1}, in the kernel while both are in L1 (see
 // GRAD_W_IN_KERNEL_BYTES). The reads of each step are prefetched during the step before: the saved gates
 // and cells (walked backwards in time, which the hardware prefetcher did not follow) and grad_out and
 // grad_xg at scattered pixels; 16-29% of this backward on the AMD EPYC.
-std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor grad_xg, torch::Tensor hs, torch::Tensor cs,
-                            torch::Tensor acts, torch::Tensor w_hh, std::vector<int64_t> slots,
-                            std::vector<int64_t> axis, std::vector<int64_t> reverse) {
+std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor grad_xg, torch::Tensor out,
+                                         torch::Tensor cs, torch::Tensor acts, torch::Tensor w_hh,
+                                         std::vector<int64_t> slots, std::vector<int64_t> axis,
+                                         std::vector<int64_t> reverse) {
   grad_out = grad_out.contiguous();
-  const int64_t Kg = hs.size(0), T = hs.size(1), N = hs.size(2), D = hs.size(3), G = 4 * D;
+  const int64_t Kg = cs.size(0), T = cs.size(1), N = cs.size(2), D = cs.size(3), G = 4 * D;
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == grad_out.sizes(), "out must be the forward's output, ",
+              grad_out.sizes(), ", got ", out.sizes());
   Geometry geo = geometry(grad_xg, D, axis, reverse);
   const int64_t K = geo.K, OW = grad_out.size(3), tiles = (N + RT - 1) / RT;
   const int64_t items = (tiles + TILES_PER_ITEM - 1) / TILES_PER_ITEM;
   const int64_t Dp = pad_vl(D);
   auto w = pack_panels(w_hh);  // (Kg, 4D, Dp): grad h_{t-1} = dgates_t @ W_hh reads rows
   const bool in_l1 = G * Dp * 4 <= GRAD_W_IN_KERNEL_BYTES;
-  // Per item partial sums (Kg, items, 4D, D) and (Kg, items, 4D); or gate gradients (Kg, T, N, 4D) for the GEMM.
-  auto part_w = torch::empty({Kg, in_l1 ? items : 0, G, D}, hs.options());
-  auto part_b = torch::empty({Kg, items, G}, hs.options());
-  auto dgs = in_l1 ? torch::Tensor() : torch::empty_like(acts);
-  float* dgsp = in_l1 ? nullptr : dgs.data_ptr<float>();
-  const float *go = grad_out.data_ptr<float>(), *hsp = hs.data_ptr<float>(), *csp = cs.data_ptr<float>(),
+  // Per item partial sums (Kg, items, 4D, D) and (Kg, items, 4D).
+  auto part_w = torch::empty({Kg, in_l1 ? items : 0, G, D}, cs.options());
+  auto part_b = torch::empty({Kg, items, G}, cs.options());
+  const float *go = grad_out.data_ptr<float>(), *op = out.data_ptr<float>(), *csp = cs.data_ptr<float>(),
               *ap = acts.data_ptr<float>(), *wp = w.data_ptr<float>();
   float *gx = grad_xg.data_ptr<float>(), *pwp = part_w.data_ptr<float>(), *pbp = part_b.data_ptr<float>();
   at::parallel_for(0, Kg * items, 1, [&](int64_t begin, int64_t end) {
@@ -338,8 +360,9 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
         for (int64_t r = 0; r < rows; ++r) start[r] = geo.start(k, n0 + r);
         for (int64_t t = T - 1; t >= 0; --t) {
           const int64_t shift = geo.step(k, t) * geo.stride(k);
-          if (t > 0) {  // the next step's reads (t - 1)
-            const int64_t prev = geo.step(k, t - 1) * geo.stride(k), base = (k * T + t - 1) * N + n0;
+          const int64_t prev = t > 0 ? geo.step(k, t - 1) * geo.stride(k) : 0;
+          if (t > 0) {  // the next step's reads (t - 1), and h_{t-1} for this step's grad W_hh
+            const int64_t base = (k * T + t - 1) * N + n0;
             const char* pa = (const char*)(ap + base * G);
             for (int64_t b = 0; b < rows * G * 4; b += 64) __builtin_prefetch(pa + b);
             if (t > 1) {
@@ -349,6 +372,10 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
             for (int64_t r = 0; r < rows; ++r) {
               const char* pg = (const char*)(go + (start[r] + prev) * OW + slots[k] * D);
               for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(pg + b);
+              if (in_l1) {
+                const char* ph = (const char*)(op + (start[r] + prev) * OW + slots[k] * D);
+                for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(ph + b);
+              }
               const char* px = (const char*)(gx + ((start[r] + prev) * K + slots[k]) * G);
               for (int64_t b = 0; b < G * 4; b += 64) __builtin_prefetch(px + b, 1);
             }
@@ -375,13 +402,14 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
               dcr[d] = dcv * f;
             }
             std::copy(dgr, dgr + G, gx + (px * K + slots[k]) * G);
-            if (!in_l1) std::copy(dgr, dgr + G, dgsp + at_t * G);
 #pragma omp simd
             for (int64_t j = 0; j < G; ++j) accb[j] += dgr[j];
           }
-          if (t > 0 && in_l1) {  // h_{t-1} of the tile's rows, padded to whole vectors
-            const float* hprev = hsp + ((k * T + t - 1) * N + n0) * D;
-            for (int64_t r = 0; r < rows; ++r) std::copy(hprev + r * D, hprev + (r + 1) * D, hp.data() + r * Dp);
+          if (t > 0 && in_l1) {  // h_{t-1} of the tile's rows (out, one step back), padded to whole vectors
+            for (int64_t r = 0; r < rows; ++r) {
+              const float* hprev = op + (start[r] + prev) * OW + slots[k] * D;
+              std::copy(hprev, hprev + D, hp.data() + r * Dp);
+            }
             outer_acc(dg.data(), G, hp.data(), Dp, accw.data());
           }
           if (t > 0) tile_matmul(dg.data(), G, wp + k * G * Dp, Dp, dh.data());  // (RT, 4D) @ (4D, Dp)
@@ -393,14 +421,10 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
     }
   });
   if (in_l1) return {part_w.sum(1), part_b.sum(1)};
-  // (4D, (T-1)*N) @ ((T-1)*N, D) per direction
-  auto grad_w = torch::zeros({Kg, G, D}, hs.options());
-  if (T > 1)
-    for (int64_t k = 0; k < Kg; ++k) {
-      auto gw = grad_w[k];
-      at::mm_out(gw, dgs[k].narrow(0, 1, T - 1).reshape({-1, G}).t(), hs[k].narrow(0, 0, T - 1).reshape({-1, D}));
-    }
-  return {grad_w, part_b.sum(1)};
+  std::vector<torch::Tensor> grad_w;
+  for (int64_t k = 0; k < Kg; ++k)
+    grad_w.push_back(grad_w_hh_gemm(grad_xg, out, slots[k], D, axis[k] == 0, reverse[k] != 0));
+  return {torch::stack(grad_w), part_b.sum(1)};
 }
 
 // x += bias and y = gelu(x) (exact, erf), x and y (M, N) contiguous, bias (N,); y may be x. The epilogue of the
