@@ -64,6 +64,26 @@ def test_hidden_sizes_off_the_vector_width_match_reference():
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+@pytest.mark.parametrize("hidden", [8, 56])  # grad W_hh summed in the kernel, and by the shifted GEMM
+@pytest.mark.parametrize("shape", [(1, 1, 5), (3, 1, 5), (3, 5, 1), (1, 1, 1), (3, 2, 3), (1, 3, 2)])
+def test_native_gradients_at_the_edges_of_the_grid(hidden, shape):
+    """One-step sequences, one image and one-pixel rows: where the GEMM's shifted pairs cross from one
+    sequence, row or image into the next and must be taken out again."""
+    from seqvision.models.sequencer import RNN2d
+
+    torch.manual_seed(0)
+    rnn = RNN2d(16, hidden)
+    x = torch.randn(*shape, 16, requires_grad=True)
+    grads = []
+    for backend in ("reference", "native"):
+        rnn.set_backend(backend)
+        y = rnn(x)
+        grads.append((y.detach(), *torch.autograd.grad(y.square().sum(), [x, *rnn.parameters()])))
+    for a, b in zip(*grads):
+        assert ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item() <= 1e-5
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
 @pytest.mark.parametrize("name,overrides", [
     ("sequencer2d_s", {}), ("sequencer2d_s", {"hidden_sizes": (10, 14, 14, 14)}), ("sequencer2d_300k_28", {}),
     *[(n, {}) for n in ("sequencer2d_s_unidirectional", "sequencer2d_s_add", "sequencer2d_s_vertical",
