@@ -290,8 +290,9 @@ inline void outer_acc(const float* dg, int64_t G, const float* hp, int64_t Dp, f
 constexpr int64_t TILES_PER_ITEM = 8;
 // grad W_hh is summed in the kernel, step by step, while a direction's (4D, D) accumulator fits in this many
 // bytes (L1 or close to it); a larger one is a GEMM at the end (grad_w_hh_gemm). AMD EPYC (Zen 3, 32 KB
-// L1), AVX2, backward of one BiLSTM2D: in the kernel 20-25% faster at D = 16 and 24, 8-13% at D = 32 and
-// 48 (36 KB), 10% slower at D = 64 and 96.
+// L1), AVX2, backward of one BiLSTM2D, 2 threads, in the kernel against the GEMM: 9-33% faster at D <= 32
+// (but for D = 24 on 32x32, 7% slower), within 10% either way at D = 48 and 64 depending on the grid (7x7,
+// 16x16, 32x32), 9% slower at D = 96.
 constexpr int64_t GRAD_W_IN_KERNEL_BYTES = 48 << 10;
 
 // grad W_hh (4D, D) of the direction in `slot` = sum over pixels of its gate gradients (grad_xg) times h one
