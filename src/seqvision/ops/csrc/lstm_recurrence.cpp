@@ -299,9 +299,9 @@ constexpr int64_t GRAD_W_IN_KERNEL_BYTES = 48 << 10;
 // step earlier in its order (out), read where the backward left them: one GEMM over the flat pixel range
 // against itself shifted by one step (s pixels: a row down the columns, one pixel along the rows), minus the
 // pairs that shift joins across the start of a sequence (the first step of each run of L pixels).
-torch::Tensor grad_w_hh_gemm(const torch::Tensor& grad_xg, const torch::Tensor& out, int64_t slot, int64_t D,
-                             bool columns, bool reverse) {
-  const int64_t H = grad_xg.size(1), W = grad_xg.size(2), K = grad_xg.size(3), G = grad_xg.size(4);
+torch::Tensor grad_w_hh_gemm(const torch::Tensor& grad_xg, const torch::Tensor& out, int64_t slot, bool columns,
+                             bool reverse) {
+  const int64_t H = grad_xg.size(1), W = grad_xg.size(2), K = grad_xg.size(3), G = grad_xg.size(4), D = G / 4;
   if ((columns ? H : W) == 1) return torch::zeros({G, D}, out.options());  // one step: no h_{t-1}
   const int64_t s = columns ? W : 1, L = columns ? H * W : W;
   auto g = grad_xg.view({-1, K, G}).select(1, slot);      // (B, H, W, K, G) -> (B*H*W, G), rows K*G apart
@@ -361,9 +361,10 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
         for (int64_t r = 0; r < rows; ++r) start[r] = geo.start(k, n0 + r);
         for (int64_t t = T - 1; t >= 0; --t) {
           const int64_t shift = geo.step(k, t) * geo.stride(k);
-          const int64_t prev = t > 0 ? geo.step(k, t - 1) * geo.stride(k) : 0;
-          if (t > 0) {  // the next step's reads (t - 1), and h_{t-1} for this step's grad W_hh
-            const int64_t base = (k * T + t - 1) * N + n0;
+          // where step t - 1 of each row sits in grad_out and out (h_{t-1}, for this step's grad W_hh)
+          int64_t prev_row[RT];
+          if (t > 0) {  // the next step's reads (t - 1), and h_{t-1}
+            const int64_t prev = geo.step(k, t - 1) * geo.stride(k), base = (k * T + t - 1) * N + n0;
             const char* pa = (const char*)(ap + base * G);
             for (int64_t b = 0; b < rows * G * 4; b += 64) __builtin_prefetch(pa + b);
             if (t > 1) {
@@ -371,10 +372,11 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
               for (int64_t b = 0; b < rows * D * 4; b += 64) __builtin_prefetch(pc + b);
             }
             for (int64_t r = 0; r < rows; ++r) {
-              const char* pg = (const char*)(go + (start[r] + prev) * OW + slots[k] * D);
+              prev_row[r] = (start[r] + prev) * OW + slots[k] * D;
+              const char* pg = (const char*)(go + prev_row[r]);
               for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(pg + b);
               if (in_l1) {
-                const char* ph = (const char*)(op + (start[r] + prev) * OW + slots[k] * D);
+                const char* ph = (const char*)(op + prev_row[r]);
                 for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(ph + b);
               }
               const char* px = (const char*)(gx + ((start[r] + prev) * K + slots[k]) * G);
@@ -407,10 +409,7 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
             for (int64_t j = 0; j < G; ++j) accb[j] += dgr[j];
           }
           if (t > 0 && in_l1) {  // h_{t-1} of the tile's rows (out, one step back), padded to whole vectors
-            for (int64_t r = 0; r < rows; ++r) {
-              const float* hprev = op + (start[r] + prev) * OW + slots[k] * D;
-              std::copy(hprev, hprev + D, hp.data() + r * Dp);
-            }
+            for (int64_t r = 0; r < rows; ++r) std::copy(op + prev_row[r], op + prev_row[r] + D, hp.data() + r * Dp);
             outer_acc(dg.data(), G, hp.data(), Dp, accw.data());
           }
           if (t > 0) tile_matmul(dg.data(), G, wp + k * G * Dp, Dp, dh.data());  // (RT, 4D) @ (4D, Dp)
@@ -424,7 +423,7 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor grad_out, torch::Tensor g
   if (in_l1) return {part_w.sum(1), part_b.sum(1)};
   std::vector<torch::Tensor> grad_w;
   for (int64_t k = 0; k < Kg; ++k)
-    grad_w.push_back(grad_w_hh_gemm(grad_xg, out, slots[k], D, axis[k] == 0, reverse[k] != 0));
+    grad_w.push_back(grad_w_hh_gemm(grad_xg, out, slots[k], axis[k] == 0, reverse[k] != 0));
   return {torch::stack(grad_w), part_b.sum(1)};
 }
 
