@@ -178,7 +178,8 @@ assert native.pack_recurrent(torch.zeros(1, 40, 10)).shape[-1] == 48  # 4D = 40 
 
 
 @pytest.mark.skipif(not (X86 and HAVE_NATIVE), reason="needs an x86 CPU and a C++ compiler")
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+# The SSE baseline is slow: one more build (about a minute) for x86 CPUs without AVX2, which few run on.
+@pytest.mark.parametrize("isa", ["avx2", pytest.param("baseline", marks=pytest.mark.slow)])
 def test_narrower_kernel_builds_match_the_reference(isa):
     """The AVX2 build (what AVX2-only CPUs run) and the SSE baseline, forced on any x86 machine: exact,
     NaN-propagating, and free of wider instructions."""
