@@ -274,6 +274,35 @@ def test_mlp_takes_linear_gelu_in_training_on_the_native_backends_only():
     assert not mlp.runs_native(x)
 
 
+class _ShiftedGELU(torch.nn.GELU):
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+def test_a_gelu_subclass_keeps_its_own_forward_in_training_and_inference():
+    """The native passes compute nn.GELU's erf form; a subclass of nn.GELU (here GELU + 1) is run as itself
+    by the training MLP and by the inference block alike, so all backends give the same logits."""
+    torch.manual_seed(0)
+    model = seqvision.create_model("sequencer2d_300k_28").eval()
+    torch.nn.init.normal_(model.get_classifier().weight)  # zero at init: the logits would not see the blocks
+    for block in model.stages[0].blocks:
+        block.mlp_channels.act = _ShiftedGELU()
+    x = torch.randn(2, 1, 28, 28)
+    assert not model.stages[0].blocks[0].mlp_channels.exact_gelu
+    assert model.stages[1].blocks[0].mlp_channels.exact_gelu
+    with torch.no_grad():
+        auto = model(x)
+        model.set_backend("reference")
+        ref = model(x)
+    assert (auto - ref).abs().max() <= 1e-5
+    model.set_backend("auto")
+    mlp = model.stages[0].blocks[0].mlp_channels
+    h = torch.randn(2, 7, 7, mlp.fc1.in_features)
+    assert not mlp.runs_native(h)
+    assert (model(x) - ref).abs().max() <= 1e-5
+
+
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
 def test_layer_norm_seed_matches_torch():
     """The inference pass before each GEMM: out = layer_norm(x) and seed = x + add together, seed in place

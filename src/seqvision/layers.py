@@ -68,7 +68,13 @@ class Mlp(nn.Module):
         Linear with a bias and exact GELU (an int8 or swapped layer keeps its own forward)."""
         return (self.native and torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu"
                 and not torch.is_autocast_enabled("cpu") and type(self.fc1) is nn.Linear and self.fc1.bias is not None
-                and type(self.act) is nn.GELU and self.act.approximate == "none")
+                and self.exact_gelu)
+
+    @property
+    def exact_gelu(self) -> bool:
+        """Whether the activation is nn.GELU itself with erf, which the native passes compute. A subclass may
+        compute something else in its forward, so it keeps that forward."""
+        return type(self.act) is nn.GELU and self.act.approximate == "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.runs_native(x):

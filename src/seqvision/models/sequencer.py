@@ -325,7 +325,7 @@ class Block(nn.Module):
         mixed = mixed.reshape(B * H * W, -1)  # (B, H, W, M) -> (B*H*W, M)
         accumulate(out, mixed, rnn.fc)
         y = norm_and_seed(out, self.norm2, mlp.fc2, out)  # in place: out += fc2's bias
-        if isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none":
+        if mlp.exact_gelu:
             hidden = linear_gelu(y, mlp.fc1)  # overwrites the buffer the projection used: it is done with
         else:
             hidden = mlp.act(mlp.fc1(y))
