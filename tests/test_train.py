@@ -78,8 +78,13 @@ def test_report_and_validate_and_predict(tree, trained_run, capsys, tmp_path):
 def test_quantize_command_writes_a_loadable_int8_model(tree, trained_run, capsys, tmp_path):
     dst = tmp_path / "int8.safetensors"
     assert cli.main(["quantize", "--checkpoint", str(trained_run), "--dst", str(dst), "--json"]) == 0
-    row = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    row = json.loads(printed.out)
     assert row["images"] == 9 and row["saved"] == str(dst)
+    # both models timed over the same images; a note when int8 is the slower one here
+    assert row["fp32_img_s"] > 0 and row["int8_img_s"] > 0
+    assert abs(row["int8_speedup"] - row["int8_img_s"] / row["fp32_img_s"]) <= 0.01
+    assert ("keep the fp32 model" in printed.err) == (row["int8_speedup"] < 1)
     assert row["top1_agreement"] >= 77  # at most 2 of the 9 held-out images change class
     q = seqvision.load_model(dst).eval()
     assert getattr(q, "int8", False) and any(type(m).__name__ == "Int8Linear" for m in q.modules())

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import sys
+import time
 
 
 def cmd_models(args) -> None:
@@ -220,16 +221,29 @@ def cmd_quantize(args) -> None:
     n = min(args.limit or len(ds), len(ds))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=256)
     agree = correct_fp = correct_q = 0
+    seconds, timed = {"fp32": 0.0, "int8": 0.0}, 0  # forward time of each, the first batch (warm-up) left out
     with torch.no_grad():
-        for x, y in loader:
-            a, b = model(x).argmax(1), qmodel(x).argmax(1)
+        for i, (x, y) in enumerate(loader):
+            logits = {}
+            for key, m in (("fp32", model), ("int8", qmodel)):
+                t = time.perf_counter()
+                logits[key] = m(x)
+                seconds[key] += (time.perf_counter() - t) if i > 0 or len(loader) == 1 else 0.0
+            timed += len(x) if i > 0 or len(loader) == 1 else 0
+            a, b = logits["fp32"].argmax(1), logits["int8"].argmax(1)
             agree += (a == b).sum().item()
             correct_fp += (a == y).sum().item()
             correct_q += (b == y).sum().item()
     engine, reduce_range = pick_engine()
+    speed = {k: timed / max(v, 1e-9) for k, v in seconds.items()}
     row = {"split": f"{name} {args.split}", "images": n, "top1_agreement": round(100 * agree / n, 2),
            "fp32_top1": round(100 * correct_fp / n, 2), "int8_top1": round(100 * correct_q / n, 2),
-           "engine": engine, "activation_bits": 7 if reduce_range else 8}
+           "engine": engine, "activation_bits": 7 if reduce_range else 8,
+           "fp32_img_s": round(speed["fp32"], 1), "int8_img_s": round(speed["int8"], 1),
+           "int8_speedup": round(speed["int8"] / speed["fp32"], 2)}
+    if row["int8_speedup"] < 1:
+        print(f"note: int8 ran at {row['int8_speedup']}x fp32's speed here ({engine}, {row['activation_bits']}-bit "
+              f"activations, batch {loader.batch_size}): for speed, keep the fp32 model on this CPU", file=sys.stderr)
     if args.dst:
         from .weights import save_model
         keep = {k: meta[k] for k in ("classes", "data", "split") if k in meta}  # what predict/validate read
@@ -462,7 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantise a trained checkpoint to int8 for CPU inference (every Linear and "
                                    "BiLSTM2D's input projection: int8 weights per channel, activations quantised "
                                    "per batch; the recurrence stays float32) and report top-1 agreement with "
-                                   "fp32 and both accuracies on the validation split of --data.")
+                                   "fp32, both accuracies on the validation split of --data, and both models' images/s over it (batches "
+                                   "of 256, the first left out as warm-up); says so when int8 is not the faster "
+                                   "one on this CPU.")
     add_eval_data_args(p)
     p.add_argument("--limit", type=at_least(0), default=0, help="use the first N validation images (0: all)")
     p.add_argument("--dst", default="", help="save the int8 model here (.safetensors; seqvision.load_model "
