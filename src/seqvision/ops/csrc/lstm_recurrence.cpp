@@ -292,7 +292,10 @@ constexpr int64_t TILES_PER_ITEM = 8;
 // bytes (L1 or close to it); a larger one is a GEMM at the end (grad_w_hh_gemm). AMD EPYC (Zen 3, 32 KB
 // L1), AVX2, backward of one BiLSTM2D, 2 threads, in the kernel against the GEMM: 9-33% faster at D <= 32
 // (but for D = 24 on 32x32, 7% slower), within 10% either way at D = 48 and 64 depending on the grid (7x7,
-// 16x16, 32x32), 9% slower at D = 96.
+// 16x16, 32x32), 9% slower at D = 96. Intel Xeon (48 KB L1), batch 16 on the same grids: the AVX2 build
+// 1-43% faster at D <= 48, 1-11% slower at D = 64 and 96; the AVX-512 build 10-40% faster at D <= 48 and
+// 4-12% faster at D = 64 (the first stage of sequencer2d_l_d4_3x) and 1-4% at D = 96 (under 0.5% of a
+// Sequencer2D-S training step), too little to keep a second threshold for.
 constexpr int64_t GRAD_W_IN_KERNEL_BYTES = 48 << 10;
 
 // grad W_hh (4D, D) of the direction in `slot` = sum over pixels of its gate gradients (grad_xg) times h one
