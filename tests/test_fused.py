@@ -156,6 +156,32 @@ def test_inference_in_chunks_of_images_matches_reference(monkeypatch, images):
         assert calls[: len(chunks)] == chunks
 
 
+def test_gate_chunks_follow_the_last_level_cache(tmp_path):
+    """The chunk of gates per native inference call is a quarter of the widest data cache sysfs lists, from 8
+    to 32 MiB; instruction caches are not counted, and a machine without that listing gets 8 MiB."""
+    from seqvision.ops.inference import gate_chunk_bytes, last_level_cache_bytes
+
+    def cache(name, level, kind, size):
+        d = tmp_path / "cache" / name
+        d.mkdir(parents=True)
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+
+    cache("index0", 1, "Data", "48K")
+    cache("index1", 1, "Instruction", "64K")
+    cache("index2", 2, "Unified", "2048K")
+    assert last_level_cache_bytes(tmp_path / "cache") == 2 << 20
+    cache("index3", 3, "Unified", "491520K")  # the Intel Xeon's
+    assert last_level_cache_bytes(tmp_path / "cache") == 480 << 20
+    assert gate_chunk_bytes(480 << 20) == 32 << 20
+    assert gate_chunk_bytes(64 << 20) == 16 << 20
+    assert gate_chunk_bytes(32 << 20) == 8 << 20  # the AMD EPYC's (Zen 3)
+    assert last_level_cache_bytes(tmp_path / "none") == 0 and gate_chunk_bytes(0) == 8 << 20
+    cache("index4", 4, "Unified", "garbled")  # an unreadable entry is skipped, not fatal
+    assert last_level_cache_bytes(tmp_path / "cache") == 480 << 20
+
+
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
 def test_kernel_refuses_unpacked_recurrent_weights():
     ext = native.extension()

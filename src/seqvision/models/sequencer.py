@@ -20,14 +20,14 @@ from torch import nn
 from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply,
                       prune_after, resample_grid, run_blocks, take_indices, to_fmt)
 from ..ops import native, recurrence
-from ..ops.inference import MIXED, accumulate, cpu_float_eval, linear_gelu, norm_and_seed, scratch
+from ..ops.inference import MIXED, accumulate, cpu_float_eval, gate_chunk_bytes, linear_gelu, norm_and_seed, scratch
 from ..ops.int8 import Int8Linear
 from ..registry import register_family
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-# Input gates per chunk of images at native inference (RNN2d.mix_native_inference). Sequencer2D-S stage 1 at
-# batch 16 (48 MiB of gates) took 11% less for GEMM + recurrence in chunks of 6 MiB (AMD EPYC, AVX2, 2 threads).
-XG_CHUNK_BYTES = 8 << 20
+# Input gates per chunk of images at native inference (RNN2d.mix_native_inference): 8 to 32 MiB by the size of
+# this CPU's last-level cache (measurements in gate_chunk_bytes).
+XG_CHUNK_BYTES = gate_chunk_bytes()
 BACKENDS = ("auto", "reference", "fused", "native")
 
 

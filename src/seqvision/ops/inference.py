@@ -3,6 +3,7 @@ block's elementwise work fused into passes of the native extension around the GE
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +32,32 @@ def scratch(n: int, slot: int = WIDE) -> torch.Tensor:
     if buf is None or buf.numel() < n:
         buf = _SCRATCH.bufs[slot] = torch.empty(n)
     return buf[:n]
+
+
+def last_level_cache_bytes(root: str | Path = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """Size of the widest data cache of CPU 0 as Linux reports it (sysfs), in bytes; 0 where it does not."""
+    level, size = 0, 0
+    for d in Path(root).glob("index*"):
+        try:
+            if (d / "type").read_text().strip() == "Instruction":
+                continue
+            lv, text = int((d / "level").read_text()), (d / "size").read_text().strip().upper()
+            n = int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0)
+        except (OSError, ValueError):
+            continue
+        if lv > level:
+            level, size = lv, n
+    return size
+
+
+def gate_chunk_bytes(llc: int | None = None) -> int:
+    """Input gates per chunk of images at native inference: a quarter of the last-level cache (llc, default
+    this CPU's), from 8 to 32 MiB. Sequencer2D-S at batch 16, whole pass, 8 MiB against 32 MiB: level on an
+    AMD EPYC (Zen 3, 32 MB L3: sizes 2-64 MiB within noise; stage 1 alone 11% faster in chunks of 6 MiB than
+    in one piece); 2.2% and 3.1% faster at 32 MiB on an Intel Xeon (AVX2 and AVX-512 builds, 16 alternating
+    rounds), where fewer, larger GEMMs still leave the gates in its larger cache."""
+    llc = last_level_cache_bytes() if llc is None else llc
+    return min(32 << 20, max(8 << 20, llc // 4))
 
 
 def cpu_float_eval(x: torch.Tensor) -> bool:
