@@ -157,7 +157,7 @@ def test_inference_in_chunks_of_images_matches_reference(monkeypatch, images):
 
 
 def test_gate_chunks_follow_the_last_level_cache(tmp_path):
-    """The chunk of gates per native inference call is a quarter of the widest data cache sysfs lists, from 8
+    """The chunk of gates per native inference call is a quarter of the last-level cache sysfs lists, from 8
     to 32 MiB; instruction caches are not counted, and a machine without that listing gets 8 MiB."""
     from seqvision.ops.inference import gate_chunk_bytes, last_level_cache_bytes
 

@@ -221,15 +221,16 @@ def cmd_quantize(args) -> None:
     n = min(args.limit or len(ds), len(ds))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=256)
     agree = correct_fp = correct_q = 0
-    seconds, timed = {"fp32": 0.0, "int8": 0.0}, 0  # forward time of each, the first batch (warm-up) left out
+    seconds, timed = {"fp32": 0.0, "int8": 0.0}, 0  # forward time of each model, and over how many images
     with torch.no_grad():
         for i, (x, y) in enumerate(loader):
+            counts = i > 0 or len(loader) == 1  # the first of several batches is the warm-up
             logits = {}
             for key, m in (("fp32", model), ("int8", qmodel)):
                 t = time.perf_counter()
                 logits[key] = m(x)
-                seconds[key] += (time.perf_counter() - t) if i > 0 or len(loader) == 1 else 0.0
-            timed += len(x) if i > 0 or len(loader) == 1 else 0
+                seconds[key] += (time.perf_counter() - t) * counts
+            timed += len(x) * counts
             a, b = logits["fp32"].argmax(1), logits["int8"].argmax(1)
             agree += (a == b).sum().item()
             correct_fp += (a == y).sum().item()
@@ -476,9 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantise a trained checkpoint to int8 for CPU inference (every Linear and "
                                    "BiLSTM2D's input projection: int8 weights per channel, activations quantised "
                                    "per batch; the recurrence stays float32) and report top-1 agreement with "
-                                   "fp32, both accuracies on the validation split of --data, and both models' images/s over it (batches "
-                                   "of 256, the first left out as warm-up); says so when int8 is not the faster "
-                                   "one on this CPU.")
+                                   "fp32, both accuracies on the validation split of --data, and both models' "
+                                   "images/s over it (batches of 256, the first left out as warm-up); says so "
+                                   "when int8 is not the faster one on this CPU.")
     add_eval_data_args(p)
     p.add_argument("--limit", type=at_least(0), default=0, help="use the first N validation images (0: all)")
     p.add_argument("--dst", default="", help="save the int8 model here (.safetensors; seqvision.load_model "

@@ -35,7 +35,8 @@ def scratch(n: int, slot: int = WIDE) -> torch.Tensor:
 
 
 def last_level_cache_bytes(root: str | Path = "/sys/devices/system/cpu/cpu0/cache") -> int:
-    """Size of the widest data cache of CPU 0 as Linux reports it (sysfs), in bytes; 0 where it does not."""
+    """Size in bytes of CPU 0's highest-level data or unified cache as Linux lists it (sysfs); 0 where it
+    does not."""
     level, size = 0, 0
     for d in Path(root).glob("index*"):
         try:
