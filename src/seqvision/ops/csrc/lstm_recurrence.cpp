@@ -24,7 +24,10 @@
 namespace {
 
 // Sequences per tile (RT) and vectors per row block (VB): RT x VB accumulators, sized to the vector
-// registers. AVX-512 (32 zmm): 6 x 4 of 16 floats, measured best. AVX2 (16 ymm): 4 x 3 of 8 floats,
+// registers. AVX-512 (32 zmm): 6 x 4 of 16 floats. Against 8 x 3, 4 x 6 and 12 x 2 on an Intel Xeon, 8 x 3
+// ran the recurrence alone 5-10% faster at batch 1 (tiles of 8 divide the 16 or 32 sequences of an image) and
+// the batch-16 backward 3-5% faster, but its forward 1-3% slower; whole Sequencer2D-S passes were level
+// (inference at batch 1 and 16, training at 16: 0.998-1.006x, alternating rounds). AVX2 (16 ymm): 4 x 3 of 8 floats,
 // 12 accumulators beside 3 weight vectors and the broadcast; it beat 6 x 2 (the same 12 accumulators, one
 // load less per 12 FMAs, and tiles of 4 divide the 16 or 32 sequences of a batch-1 image) by 7-14% on an
 // AMD EPYC (Zen 3), and 4 x 2, 5 x 2, 8 x 1 and 3 x 4 too. Baseline SSE (16 xmm) takes the AVX2 shape.
