@@ -1,5 +1,6 @@
 """Correct on every CPU, not only the one at hand: the int8 path without VNNI, the AVX2 kernel build on an
 AVX-512 machine, NaN propagation, thread-count independence, and the device/backend choices for GPUs."""
+import copy
 import os
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import torch
 
 import seqvision
 from seqvision.ops import int8, native
-from seqvision.quantize import Int8Linear
+from seqvision.quantize import Int8Linear, quantize_int8
 from seqvision.train import make_deterministic, process_group_backend
 
 from conftest import random_state_dict
@@ -42,11 +43,11 @@ def int8_inputs():
 @pytest.mark.parametrize("engine", [e for e in ("onednn", "x86", "fbgemm")
                                     if e in torch.backends.quantized.supported_engines])
 def test_int8_linear_is_close_on_every_engine(engine):
-    lin = torch.nn.Linear(96, 40)
+    lin = torch.nn.Linear(96, int8.FLOAT_BELOW)  # wide enough for an int8 GEMM on every CPU
     with torch.no_grad():
         lin.weight.abs_()  # same-sign weights: the worst case for pair sums
         q = Int8Linear(lin.weight, lin.bias, engine)
-        assert q.engine == engine
+        assert q.engine == engine and q.int8_gemm
         for x in int8_inputs():
             assert rel_err(q(x), lin(x)) < 0.02, (engine, q.reduce_range)
 
@@ -57,28 +58,79 @@ from seqvision.ops import int8
 from seqvision.quantize import Int8Linear, quantize_int8
 torch.manual_seed(0)
 engine, reduce_range = int8.pick_engine()
-lin = torch.nn.Linear(96, 40)
+lin = torch.nn.Linear(96, 160)
 with torch.no_grad():
     lin.weight.abs_()
     q = Int8Linear(lin.weight, lin.bias)
+    assert q.int8_gemm
     errs = [float(((q(x) - lin(x)).norm() / lin(x).norm())) for x in (torch.randn(64, 96) * 3, torch.rand(64, 96) * 4)]
     model = seqvision.create_model("sequencer2d_1m_28").eval()
     g = torch.Generator().manual_seed(1)
     model.load_state_dict({k: torch.randn(v.shape, generator=g) * 0.05 if v.dtype.is_floating_point else v
                            for k, v in model.state_dict().items()})
     x = torch.randn(16, 1, 28, 28)
-    a, b = model(x), quantize_int8(model)(x)
-print(engine, reduce_range, max(errs), float((a - b).norm() / a.norm()))
+    qmodel = quantize_int8(model)
+    kinds = sorted({m.int8_gemm for m in qmodel.modules() if isinstance(m, Int8Linear)})
+    a, b = model(x), qmodel(x)
+print(engine, reduce_range, max(errs), float((a - b).norm() / a.norm()), ",".join(map(str, kinds)))
 """
 
+# Each engine with its own ISA cap at AVX2: on an AVX-512 CPU these are the only way to run its non-VNNI
+# kernels (fbgemm ignores ONEDNN_MAX_CPU_ISA); on an AVX2 CPU they change nothing.
+NO_VNNI = {"onednn": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+           "fbgemm": {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"},
+           "x86": {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 
-@pytest.mark.skipif(not X86, reason="oneDNN's ISA cap is an x86 setting")
-def test_int8_is_correct_without_vnni():
-    """oneDNN capped at AVX2 (no VNNI, as on most AMD servers and laptops) saturates full-range u8 x s8
-    pair sums; the probe must see it and quantise activations to 7 bits."""
-    engine, reduce_range, err, model_err = run_python(INT8_WITHOUT_VNNI, ONEDNN_MAX_CPU_ISA="AVX2").split()
-    assert engine == "onednn" and reduce_range == "True"
+
+@pytest.mark.skipif(not X86, reason="the engines' ISA caps are x86 settings")
+@pytest.mark.parametrize("engine", [e for e in NO_VNNI if e in torch.backends.quantized.supported_engines])
+def test_int8_is_correct_without_vnni(engine):
+    """An engine capped at AVX2 (no VNNI, as on most AMD servers and laptops) saturates full-range u8 x s8
+    pair sums; the probe must see it and quantise activations to 7 bits. A model quantised there keeps its
+    narrow layers (the 1M model's 64- and 10-wide ones) as float GEMMs and its wide ones in int8."""
+    out = run_python(INT8_WITHOUT_VNNI, SEQVISION_INT8_ENGINE=engine, **NO_VNNI[engine]).split()
+    picked, reduce_range, err, model_err, kinds = out
+    assert picked == engine and reduce_range == "True"
     assert float(err) < 0.02 and float(model_err) < 0.05, (err, model_err)
+    assert kinds == "False,True"
+
+
+def test_narrow_layers_run_float_where_the_engine_saturates(monkeypatch):
+    """Where int8 GEMMs saturate, a layer narrower than FLOAT_BELOW multiplies by its dequantised weights:
+    exactly F.linear with them, in the module and in the native inference block (bias seeded, GEMM
+    accumulated), and the same file as an int8 layer."""
+    engine = int8.pick_engine()[0]
+    monkeypatch.setattr(int8, "pick_engine", lambda requested=None: (engine, True))
+    torch.manual_seed(0)
+    narrow, wide = torch.nn.Linear(96, int8.FLOAT_BELOW - 1), torch.nn.Linear(96, int8.FLOAT_BELOW)
+    qn, qw = Int8Linear(narrow.weight, narrow.bias), Int8Linear(wide.weight, wide.bias)
+    assert not qn.int8_gemm and qw.int8_gemm and "float_gemm=True" in repr(qn) and "activation_bits=7" in repr(qw)
+    assert qn.state_dict().keys() == qw.state_dict().keys()
+    x = torch.randn(7, 96)
+    with torch.no_grad():
+        w = qn.weight_int8.float() * qn.weight_scale[:, None]
+        assert torch.equal(qn(x), torch.nn.functional.linear(x, w, qn.bias))
+        assert rel_err(qn(x), narrow(x)) < 0.01
+        qn.weight_int8.neg_()  # the dequantised weights follow the buffers
+        assert torch.equal(qn(x), torch.nn.functional.linear(x, -w, qn.bias))
+    if not HAVE_NATIVE:
+        return
+    # Every layer narrower than the limit: the int8 model is then the fp32 model with its weights rounded to
+    # int8 per output channel, through the native inference block's fused passes.
+    monkeypatch.setattr(int8, "FLOAT_BELOW", 1 << 30)
+    model = seqvision.create_model("sequencer2d_1m_28", backend="native").eval()
+    model.load_state_dict(random_state_dict(model, 0.05))
+    q = quantize_int8(model)
+    assert not any(m.int8_gemm for m in q.modules() if isinstance(m, Int8Linear))
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in rounded.modules():
+            for name, w in m.named_parameters(recurse=False):
+                if (type(m) is torch.nn.Linear and name == "weight") or name.startswith("weight_ih"):
+                    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+                    w.copy_(torch.round(w / scale[:, None]).clamp(-127, 127) * scale[:, None])
+        x = torch.randn(4, 1, 28, 28)
+        assert (q(x) - rounded(x)).abs().max().item() < 1e-5
 
 
 def test_int8_probe_matches_the_kernel():
@@ -86,7 +138,7 @@ def test_int8_probe_matches_the_kernel():
     for engine in ("onednn", "fbgemm"):
         if engine not in torch.backends.quantized.supported_engines:
             continue
-        q = Int8Linear(torch.ones(8, 256), None, engine)
+        q = Int8Linear(torch.ones(int8.FLOAT_BELOW, 256), None, engine)
         y = q(torch.ones(2, 256))
         assert torch.allclose(y, torch.full_like(y, 256.0), rtol=0.02), (engine, q.reduce_range, y[0, 0])
 

@@ -70,8 +70,8 @@ def keep_freed_memory() -> None:
 
 
 def machine() -> dict:
-    """What a speed figure depends on: the CPU, the ISA the native kernel was built for, oneDNN's ISA cap,
-    the int8 engine with its activation width, and whether malloc keeps freed memory."""
+    """What a speed figure depends on: the CPU, the ISA the native kernel was built for, oneDNN's and fbgemm's
+    ISA caps, the int8 engine with its activation width, and whether malloc keeps freed memory."""
     name = platform.processor() or platform.machine()
     try:
         name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -80,6 +80,7 @@ def machine() -> dict:
     engine, reduce_range = int8.pick_engine()
     return {"cpu": name, "cpu_isa": native.cpu_isa(), "kernel_isa": native.build_isa(),
             "onednn_isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", "none"),
+            "fbgemm_isa_cap": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "none"),
             "int8": f"{engine}, {7 if reduce_range else 8}-bit activations",
             "malloc": "keeps freed memory" if _KEPT else "default"}
 

@@ -20,7 +20,8 @@ from torch import nn
 from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply,
                       prune_after, resample_grid, run_blocks, take_indices, to_fmt)
 from ..ops import native, recurrence
-from ..ops.inference import MIXED, accumulate, cpu_float_eval, gate_chunk_bytes, linear_gelu, norm_and_seed, scratch
+from ..ops.inference import (MIXED, accumulate, cpu_float_eval, dense, gate_chunk_bytes, linear_gelu, norm_and_seed,
+                             scratch)
 from ..ops.int8 import Int8Linear
 from ..registry import register_family
 
@@ -225,13 +226,15 @@ class RNN2d(nn.Module):
         step = math.ceil(B / math.ceil(B / fit))  # as many chunks, made equal: 16 images by 5 -> 4 x 4
         groups = recurrence.groups(dirs, H, W)
         out = x.new_empty(B, H, W, K * D) if out is None else out
+        # (weights, bias) of a float GEMM, or None for an int8 one (an int8 layer may run float on this CPU)
+        proj = (w_ih, None) if self.proj_int8 is None else dense(self.proj_int8)
         for b in range(0, B, step):
             part = x[b: b + step].reshape(-1, C)  # (b, H, W, C) -> (b*H*W, C)
-            if self.proj_int8 is not None:
+            if proj is None:
                 xg = self.proj_int8(part)
             else:
                 xg = scratch(part.shape[0] * K * G).view(-1, K * G)  # the reused buffer: no page faults
-                torch.mm(part, w_ih.t(), out=xg)  # (b*H*W, C) @ (C, K*G): one GEMM for every direction
+                torch.mm(part, proj[0].t(), out=xg)  # (b*H*W, C) @ (C, K*G): one GEMM for every direction
             xg = xg.view(-1, H, W, K, G)  # (b*H*W, K*G) -> (b, H, W, K, G)
             native.lstm2d(xg, bias, w_hh, groups, w_t=packed[1], out=out[b: b + step])
         return out

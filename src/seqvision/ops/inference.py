@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import native
+from .int8 import Int8Linear
 
 # The buffers Block.forward_inference cycles through; one of each per thread, so concurrent callers never
 # share one. WIDE holds the widest activation (the input projection, then the MLP's hidden layer), NORMED a
@@ -66,39 +67,49 @@ def cpu_float_eval(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
-def _plain(fc: nn.Module | None) -> bool:
-    return type(fc) is nn.Linear
+def dense(fc: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of a layer that is a float GEMM here: a plain Linear, or an Int8Linear that runs
+    float on this CPU (seqvision.ops.int8.FLOAT_BELOW); None for anything else (an int8 GEMM keeps its bias
+    to itself)."""
+    if type(fc) is nn.Linear:
+        return fc.weight, fc.bias
+    if isinstance(fc, Int8Linear) and not fc.int8_gemm:
+        return fc.dense_weight(), fc.bias
+    return None
 
 
 def norm_and_seed(x: torch.Tensor, norm: nn.LayerNorm, fc: nn.Module | None, seed: torch.Tensor) -> torch.Tensor:
     """norm(x) for 2-D contiguous x, into the NORMED buffer (so the caller must be done with the last one),
     and, in the same pass, seed = x + fc's bias: the start accumulate() adds fc's GEMM onto. `seed` may be
-    x itself (in place) or a tensor of its shape. With no fc, or any other than a plain Linear (an int8
-    one, which keeps its bias to itself), seed = x."""
+    x itself (in place) or a tensor of its shape. With no fc, or one that is not a float GEMM (`dense`),
+    seed = x."""
     normed = scratch(x.numel(), NORMED).view_as(x)
-    add = fc.bias if _plain(fc) else None
-    native.extension().layer_norm_seed(x, norm.weight, norm.bias, norm.eps, add, normed, seed)
+    wb = dense(fc)
+    native.extension().layer_norm_seed(x, norm.weight, norm.bias, norm.eps, None if wb is None else wb[1], normed, seed)
     return normed
 
 
 def accumulate(seed: torch.Tensor, x: torch.Tensor, fc: nn.Module | None) -> torch.Tensor:
-    """seed += fc(x) without fc's bias for a plain Linear (norm_and_seed put it into seed): the GEMM
+    """seed += fc(x) without fc's bias for a float GEMM (norm_and_seed put the bias into seed): the GEMM
     accumulates onto seed, no pass of its own. Other modules are called as they are; no fc adds x."""
-    if _plain(fc):
-        return seed.addmm_(x, fc.weight.t())
+    wb = dense(fc)
+    if wb is not None:
+        return seed.addmm_(x, wb[0].t())
     return seed.add_(x if fc is None else fc(x))
 
 
 def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
     """gelu(fc(x)) for 2-D x, written into the WIDE buffer (so the caller must be done with it before the
     next call that uses the buffer); bias and GELU in one pass of the native extension, so callers are on
-    the native path (Block.forward_inference). Any module other than a plain Linear (an int8 one) is
-    called as it is."""
-    if not _plain(fc):
+    the native path (Block.forward_inference). A module that is not a float GEMM (`dense`) is called as
+    it is."""
+    wb = dense(fc)
+    if wb is None:
         return torch.ops.aten.gelu_(fc(x))
-    hidden = scratch(x.shape[0] * fc.out_features).view(x.shape[0], fc.out_features)
-    torch.mm(x, fc.weight.t(), out=hidden)
-    if fc.bias is None:
+    weight, bias = wb
+    hidden = scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], weight.shape[0])
+    torch.mm(x, weight.t(), out=hidden)
+    if bias is None:
         return torch.ops.aten.gelu_(hidden)
-    native.extension().bias_gelu(hidden, fc.bias, hidden)
+    native.extension().bias_gelu(hidden, bias, hidden)
     return hidden
