@@ -87,7 +87,7 @@ NO_VNNI = {"onednn": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
 def test_int8_is_correct_without_vnni(engine):
     """An engine capped at AVX2 (no VNNI, as on most AMD servers and laptops) saturates full-range u8 x s8
     pair sums; the probe must see it and quantise activations to 7 bits. A model quantised there keeps its
-    narrow layers (the 1M model's 64- and 10-wide ones) as float GEMMs and its wide ones in int8."""
+    narrow layers (the 1M model's 96- and 10-wide ones) as float GEMMs and its wide ones in int8."""
     out = run_python(INT8_WITHOUT_VNNI, SEQVISION_INT8_ENGINE=engine, **NO_VNNI[engine]).split()
     picked, reduce_range, err, model_err, kinds = out
     assert picked == engine and reduce_range == "True"
