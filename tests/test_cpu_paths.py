@@ -43,7 +43,7 @@ def int8_inputs():
 @pytest.mark.parametrize("engine", [e for e in ("onednn", "x86", "fbgemm")
                                     if e in torch.backends.quantized.supported_engines])
 def test_int8_linear_is_close_on_every_engine(engine):
-    lin = torch.nn.Linear(96, int8.FLOAT_BELOW)  # wide enough for an int8 GEMM on every CPU
+    lin = torch.nn.Linear(96, 192)  # large enough for an int8 GEMM on every CPU (harmonic mean 128)
     with torch.no_grad():
         lin.weight.abs_()  # same-sign weights: the worst case for pair sums
         q = Int8Linear(lin.weight, lin.bias, engine)
@@ -58,7 +58,7 @@ from seqvision.ops import int8
 from seqvision.quantize import Int8Linear, quantize_int8
 torch.manual_seed(0)
 engine, reduce_range = int8.pick_engine()
-lin = torch.nn.Linear(96, 160)
+lin = torch.nn.Linear(96, 192)
 with torch.no_grad():
     lin.weight.abs_()
     q = Int8Linear(lin.weight, lin.bias)
@@ -87,7 +87,7 @@ NO_VNNI = {"onednn": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
 def test_int8_is_correct_without_vnni(engine):
     """An engine capped at AVX2 (no VNNI, as on most AMD servers and laptops) saturates full-range u8 x s8
     pair sums; the probe must see it and quantise activations to 7 bits. A model quantised there keeps its
-    narrow layers (the 1M model's 96- and 10-wide ones) as float GEMMs and its wide ones in int8."""
+    small layers (the 1M model's 96 -> 96 and its head) as float GEMMs and its larger ones in int8."""
     out = run_python(INT8_WITHOUT_VNNI, SEQVISION_INT8_ENGINE=engine, **NO_VNNI[engine]).split()
     picked, reduce_range, err, model_err, kinds = out
     assert picked == engine and reduce_range == "True"
@@ -95,14 +95,15 @@ def test_int8_is_correct_without_vnni(engine):
     assert kinds == "False,True"
 
 
-def test_narrow_layers_run_float_where_the_engine_saturates(monkeypatch):
-    """Where int8 GEMMs saturate, a layer narrower than FLOAT_BELOW multiplies by its dequantised weights:
-    exactly F.linear with them, in the module and in the native inference block (bias seeded, GEMM
-    accumulated), and the same file as an int8 layer."""
+def test_small_layers_run_float_where_the_engine_saturates(monkeypatch):
+    """Where int8 GEMMs saturate, a layer under FLOAT_BELOW (harmonic mean of its in and out features)
+    multiplies by its dequantised weights: exactly F.linear with them, in the module and in the native
+    inference block (bias seeded, GEMM accumulated), and the same file as an int8 layer."""
     engine = int8.pick_engine()[0]
     monkeypatch.setattr(int8, "pick_engine", lambda requested=None: (engine, True))
     torch.manual_seed(0)
-    narrow, wide = torch.nn.Linear(96, int8.FLOAT_BELOW - 1), torch.nn.Linear(96, int8.FLOAT_BELOW)
+    narrow, wide = torch.nn.Linear(96, 191), torch.nn.Linear(96, 192)  # harmonic means 127.8 and 128
+    assert not int8.runs_int8(288, 64, True) and int8.runs_int8(288, 96, True) and int8.runs_int8(8, 8, False)
     qn, qw = Int8Linear(narrow.weight, narrow.bias), Int8Linear(wide.weight, wide.bias)
     assert not qn.int8_gemm and qw.int8_gemm and "float_gemm=True" in repr(qn) and "activation_bits=7" in repr(qw)
     assert qn.state_dict().keys() == qw.state_dict().keys()

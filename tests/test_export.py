@@ -10,7 +10,7 @@ import torch
 
 import seqvision
 from seqvision import cli
-from seqvision.benchmark import BenchConfig, more_rounds, run_benchmark, summarize
+from seqvision.benchmark import BenchConfig, int8_layer_rows, more_rounds, run_benchmark, summarize
 from seqvision.export import check_onnx, dynamic_sides, export_onnx, export_program
 from seqvision.quantize import Int8Linear, quantize_int8
 
@@ -61,14 +61,14 @@ def test_torch_export_dynamic_batch(tmp_path):
 
 def test_int8_linear_is_close_and_follows_its_buffers():
     torch.manual_seed(0)
-    lin = torch.nn.Linear(96, 160)  # at least FLOAT_BELOW outputs: an int8 GEMM on every CPU
+    lin = torch.nn.Linear(96, 192)  # harmonic mean 128 (FLOAT_BELOW): an int8 GEMM on every CPU
     q = Int8Linear(lin.weight, lin.bias)
     assert q.int8_gemm
     x = torch.randn(3, 5, 96)
     with torch.no_grad():
         ref = lin(x)
         got = q(x)
-        assert got.shape == (3, 5, 160)
+        assert got.shape == (3, 5, 192)
         assert ((got - ref).norm() / ref.norm()).item() < 0.02
         q.bias.add_(1.0)  # packed weights are rebuilt when a buffer changes in place
         assert ((q(x) - ref - 1.0).norm() / ref.norm()).item() < 0.02
@@ -120,6 +120,28 @@ def test_benchmark_rows(tmp_path, capsys):
     assert cli.main(["benchmark", "--model", "vit_1m_28", "--batch-size", "2", "--rounds", "2", "--min-seconds", "0",
                      "--mode", "infer", "--output", str(out)]) == 0
     assert json.loads(out.read_text())[0]["model"] == "vit_1m_28"
+
+
+def test_int8_layer_rows_cover_every_gemm_once_per_shape(tmp_path):
+    """`benchmark --int8-layers`: one row per GEMM shape of the model's inference (every Linear and each
+    BiLSTM2D's stacked projection), with how many layers share it and what quantize_int8 runs for it here."""
+    from seqvision.ops import int8
+
+    rows = int8_layer_rows(BenchConfig(model="sequencer2d_300k_28", batch_size=2, rounds=1, warmup=0))
+    shapes = {(r["m"], r["k"], r["n"]): r for r in rows}
+    tokens = 2 * 7 * 7  # two 28x28 images, patches of 4
+    for c, d in [(64, 16), (96, 24)]:  # each stage: C channels, hidden D, 2 blocks
+        for k, n in [(c, 16 * d), (4 * d, c), (c, 3 * c), (3 * c, c)]:  # projection, fc, fc1, fc2
+            assert shapes.pop((tokens, k, n))["layers"] == 2
+    head = shapes.pop((2, 96, 10))
+    assert head["layer"] == "head.fc" and head["layers"] == 1 and not shapes
+    reduce_range = int8.pick_engine()[1]
+    assert all(r["runs_as"] == ("int8" if int8.runs_int8(r["k"], r["n"], reduce_range) else "float") for r in rows)
+    assert all(r["fp32_ms"] > 0 and r["int8_ms"] > 0 for r in rows)
+    out = tmp_path / "layers.json"
+    assert cli.main(["benchmark", "--model", "sequencer2d_300k_28", "--batch-size", "2", "--rounds", "1",
+                     "--min-seconds", "0", "--warmup", "0", "--int8-layers", "--output", str(out)]) == 0
+    assert len(json.loads(out.read_text())) == len(rows)
 
 
 KEEP_FREED = """

@@ -15,6 +15,7 @@ from . import create_model
 from .engine import make_optimizer
 from .flops import count_macs, count_params
 from .ops import int8, native
+from .ops.int8 import Int8Linear
 from .quantize import quantize_int8
 
 
@@ -188,4 +189,70 @@ def run_benchmark(cfg: BenchConfig, progress=None) -> list[dict]:
                          gflops=round(flop_per_img * ips / 1e9, 1), matmul_gflops=round(rate, 1),
                          roofline_share=round(flop_per_img * ips / 1e9 / rate, 3),
                          peak_mem_growth_mb=round(mem[k], 1), **where))
+    return rows
+
+
+def gemm_shapes(model: nn.Module, x: torch.Tensor) -> dict[tuple[int, int, int], tuple[str, int, torch.Tensor]]:
+    """(M, K, N) -> (first layer's name, number of layers, weight) of every GEMM quantize_int8 would make int8
+    in an inference pass of `model` on x: each nn.Linear, and each BiLSTM2D's stacked input projection (M
+    counted over the whole batch, the native path's chunks aside)."""
+    shapes: dict[tuple[int, int, int], tuple[str, int, torch.Tensor]] = {}
+
+    def hook(name: str, weight):
+        def record(module, args, _):
+            w = (weight() if callable(weight) else weight).detach()
+            m = args[0].numel() // args[0].shape[-1]
+            key = (m, w.shape[1], w.shape[0])
+            first, n, _w = shapes.get(key, (name, 0, w))
+            shapes[key] = (first, n + 1, _w)
+        return record
+
+    handles = []
+    for name, mod in model.named_modules():
+        if type(mod) is nn.Linear:
+            handles.append(mod.register_forward_hook(hook(name, mod.weight)))
+        elif hasattr(mod, "quantize_int8_") and getattr(mod, "cell", None) == "lstm":
+            handles.append(mod.register_forward_hook(hook(name + ".proj", lambda m=mod: m.stacked_weights(fold=True)[1])))
+    try:
+        with torch.enable_grad():  # every layer through its own forward, not the fused inference passes
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def int8_layer_rows(cfg: BenchConfig) -> list[dict]:
+    """int8 against fp32 per GEMM shape of `cfg.model`'s inference at cfg.batch_size: the fp32 GEMM into a
+    reused buffer (as the native inference path runs it) against Int8Linear's int8 GEMM, alternating rounds,
+    and what quantize_int8 makes of that layer on this CPU (`runs_as`: int8, or float below FLOAT_BELOW
+    outputs where the engine saturates). The evidence for seqvision.ops.int8.FLOAT_BELOW, per CPU."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = create_model(cfg.model, **({"backend": "reference"} if cfg.model.startswith("sequencer") else {}))
+    size = cfg.img_size or model.cfg.img_size[0]
+    shapes = gemm_shapes(model, torch.randn(cfg.batch_size, model.cfg.in_chans, size, size))
+    rows, where = [], machine()
+    for (m, k, n), (name, count, w) in shapes.items():
+        x, out = torch.randn(m, k), torch.empty(m, n)
+        q = Int8Linear(w, None)
+        runs_as = "int8" if q.int8_gemm else "float"
+        q.int8_gemm = True  # time the int8 GEMM whatever this CPU's rule picks
+        fns = {"fp32": lambda: torch.mm(x, w.t(), out=out), "int8": lambda: q(x)}
+        for fn in fns.values():
+            for _ in range(cfg.warmup):
+                fn()
+        times = {k_: [] for k_ in fns}
+        r, start = 0, time.perf_counter()
+        while more_rounds(r, time.perf_counter() - start, cfg):
+            for k_ in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                t = time.perf_counter()
+                fns[k_]()
+                times[k_].append(time.perf_counter() - t)
+            r += 1
+        rows.append(dict(model=cfg.model, layer=name, layers=count, m=m, k=k, n=n, rounds=r,
+                         fp32_ms=round(statistics.median(times["fp32"]) * 1e3, 3),
+                         int8_ms=round(statistics.median(times["int8"]) * 1e3, 3),
+                         int8_speedup=round(statistics.median(f / i for f, i in zip(times["fp32"], times["int8"])), 3),
+                         runs_as=runs_as, threads=torch.get_num_threads(), **where))
     return rows

@@ -170,20 +170,20 @@ def _emit(rows: list[dict], args) -> None:
 
 
 def cmd_benchmark(args) -> None:
-    from .benchmark import BenchConfig, keep_freed_memory, machine, run_benchmark
+    from .benchmark import BenchConfig, int8_layer_rows, keep_freed_memory, machine, run_benchmark
 
     if args.keep_freed_memory:
         keep_freed_memory()
     print("# " + ", ".join(f"{k}: {v}" for k, v in machine().items()), file=sys.stderr)
     rows = []
-    for mode in args.mode:
+    for mode in ["int8-layers"] if args.int8_layers else args.mode:
         for batch in args.batch_size:
             cfg = BenchConfig(model=args.model, batch_size=batch, img_size=args.img_size, mode=mode,
                               rounds=args.rounds, min_seconds=args.min_seconds, warmup=args.warmup,
                               threads=args.threads, backends=tuple(args.backends), timm=not args.no_timm,
                               int8=args.int8)
             print(f"# {args.model} {mode} batch {batch} ...", file=sys.stderr)
-            rows += run_benchmark(cfg)
+            rows += int8_layer_rows(cfg) if args.int8_layers else run_benchmark(cfg)
     _emit(rows, args)
 
 
@@ -416,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=at_least(0), default=0, help="torch threads (default: torch's)")
     p.add_argument("--backends", nargs="+", default=["auto", "reference"], help="Sequencer backends to time")
     p.add_argument("--int8", action="store_true", help="also time the dynamic-int8 model (inference)")
+    p.add_argument("--int8-layers", action="store_true",
+                   help="instead of whole models: int8 against fp32 for each GEMM shape of the model's inference "
+                        "(every Linear and BiLSTM2D's input projection), and which of the two quantize_int8 "
+                        "runs for it on this CPU")
     p.add_argument("--no-timm", action="store_true", help="skip timm's implementation")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="make glibc's malloc keep freed memory in this process (as jemalloc/tcmalloc do): "

@@ -10,7 +10,7 @@ activations overflow silently. Whether an engine does that on this CPU (and unde
 probed once per process with a GEMM built to overflow; where it does, activations are quantised to 7 bits
 (`reduce_range`), whose pair sums (127 * 127 * 2 = 32258) fit.
 
-On those engines narrow layers also run a float GEMM on their dequantised weights instead (FLOAT_BELOW).
+On those engines small layers run a float GEMM on their dequantised weights instead (FLOAT_BELOW).
 """
 from __future__ import annotations
 
@@ -25,13 +25,22 @@ from torch.nn import functional as F
 
 ENGINES = ("onednn", "x86", "fbgemm", "qnnpack")  # preference order; oneDNN uses AMX/VNNI where present
 
-# Where the engine saturates (no VNNI/AMX), a layer with fewer outputs than this runs a float GEMM on its
-# dequantised weights: a dynamic int8 GEMM makes two passes over its input (its range, then quantising) that
-# the int8 multiply-add, without VNNI, wins back only on wide outputs. Measured on an Intel Xeon with oneDNN
-# and fbgemm capped at AVX2, 2 threads, 6272 rows (the main job's model at batch 128), int8 against fp32:
-# 0.70-0.74x at 64 -> 64, 0.79-0.89x at 192 -> 64, 0.87-0.90x at 96 -> 96, 1.06-1.15x at 288 -> 96, and
-# 0.99-1.36x at 192 to 384 outputs; at Sequencer2D-S's 192 to 1536 outputs, 1.14-1.62x.
+# Where the engine saturates (no VNNI/AMX), a layer whose in and out features have a harmonic mean under this
+# runs a float GEMM on its dequantised weights. A dynamic int8 GEMM of M rows pays passes over its input and
+# output, M * (in + out), for a saving in the multiply-adds, M * in * out, that without VNNI is small: it wins
+# where in * out / (in + out) is large. `seqvision benchmark --int8-layers` measures it per layer. On an Intel
+# Xeon with oneDNN capped at AVX2, 2 threads, 6272 rows (the main job's model at batch 128), two runs, int8
+# against the fp32 GEMM: 0.64-0.72x at 64 -> 64 (harmonic mean 64), 0.85-0.87x at 192 -> 64 (96), 0.94-0.95x
+# at 96 -> 96 (96), 0.97-1.01x at 64 -> 192 (96), 1.04-1.07x at 64 -> 256 (102); 1.06-1.13x at 288 -> 96
+# (144), 1.15x at 96 -> 288 (144) and 1.24x at 96 -> 384 (154). Sequencer2D-S's block layers (harmonic means
+# 192 to 614) ran 1.25-1.57x.
 FLOAT_BELOW = 128
+
+
+def runs_int8(in_features: int, out_features: int, reduce_range: bool) -> bool:
+    """Whether a layer of this shape is an int8 GEMM on an engine that does (reduce_range) or does not
+    saturate; see FLOAT_BELOW."""
+    return not reduce_range or 2 * in_features * out_features >= FLOAT_BELOW * (in_features + out_features)
 
 
 @contextlib.contextmanager
@@ -85,7 +94,7 @@ class Int8Linear(nn.Module):
 
     The state dict holds plain tensors (weight_int8, weight_scale, bias), so it saves as safetensors;
     the GEMM's packed weights are built on first use and rebuilt if those tensors change. Where the engine
-    saturates and the layer has fewer than FLOAT_BELOW outputs, it multiplies float activations by its
+    saturates and the layer is small (FLOAT_BELOW), it multiplies float activations by its
     dequantised weights instead (`int8_gemm` False): the same file, faster on such CPUs, and closer to fp32.
 
     Args:
@@ -103,7 +112,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.engine, self.reduce_range = pick_engine(engine)
-        self.int8_gemm = not (self.reduce_range and self.out_features < FLOAT_BELOW)
+        self.int8_gemm = runs_int8(self.in_features, self.out_features, self.reduce_range)
         self._cache: dict[str, tuple] = {}
 
     def _derived(self, kind: str, build):
