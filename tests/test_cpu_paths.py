@@ -103,7 +103,8 @@ def test_small_layers_run_float_where_the_engine_saturates(monkeypatch):
     monkeypatch.setattr(int8, "pick_engine", lambda requested=None: (engine, True))
     torch.manual_seed(0)
     narrow, wide = torch.nn.Linear(96, 191), torch.nn.Linear(96, 192)  # harmonic means 127.8 and 128
-    assert not int8.runs_int8(288, 64, True) and int8.runs_int8(288, 96, True) and int8.runs_int8(8, 8, False)
+    assert not int8.runs_int8(288, 64, True) and int8.runs_int8(288, 96, True)
+    assert not int8.runs_int8(64, 64, False) and not int8.runs_int8(96, 10, False) and int8.runs_int8(96, 96, False)
     qn, qw = Int8Linear(narrow.weight, narrow.bias), Int8Linear(wide.weight, wide.bias)
     assert not qn.int8_gemm and qw.int8_gemm and "float_gemm=True" in repr(qn) and "activation_bits=7" in repr(qw)
     assert qn.state_dict().keys() == qw.state_dict().keys()

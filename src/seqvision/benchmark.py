@@ -212,7 +212,8 @@ def gemm_shapes(model: nn.Module, x: torch.Tensor) -> dict[tuple[int, int, int],
         if type(mod) is nn.Linear:
             handles.append(mod.register_forward_hook(hook(name, mod.weight)))
         elif hasattr(mod, "quantize_int8_") and getattr(mod, "cell", None) == "lstm":
-            handles.append(mod.register_forward_hook(hook(name + ".proj", lambda m=mod: m.stacked_weights(fold=True)[1])))
+            weight = lambda m=mod: m.stacked_weights(fold=True)[1]  # noqa: E731 (read when the hook fires)
+            handles.append(mod.register_forward_hook(hook(name + ".proj", weight)))
     try:
         with torch.enable_grad():  # every layer through its own forward, not the fused inference passes
             model.eval()(x)
@@ -225,8 +226,8 @@ def gemm_shapes(model: nn.Module, x: torch.Tensor) -> dict[tuple[int, int, int],
 def int8_layer_rows(cfg: BenchConfig) -> list[dict]:
     """int8 against fp32 per GEMM shape of `cfg.model`'s inference at cfg.batch_size: the fp32 GEMM into a
     reused buffer (as the native inference path runs it) against Int8Linear's int8 GEMM, alternating rounds,
-    and what quantize_int8 makes of that layer on this CPU (`runs_as`: int8, or float below FLOAT_BELOW
-    outputs where the engine saturates). The evidence for seqvision.ops.int8.FLOAT_BELOW, per CPU."""
+    and what quantize_int8 makes of that layer on this CPU (`runs_as`: int8, or float for a layer too small
+    for this engine). The evidence for seqvision.ops.int8.runs_int8's limits, per CPU."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = create_model(cfg.model, **({"backend": "reference"} if cfg.model.startswith("sequencer") else {}))

@@ -2,9 +2,9 @@
 
 The LSTM recurrence (about a tenth of the MACs) and the convs stay float32. The engine and activation
 range are chosen per CPU (seqvision.ops.int8.pick_engine): 8-bit activations where the CPU has VNNI/AMX,
-7-bit where its int8 multiply-add would saturate; there, small layers (in and out features of harmonic mean
-under 128) multiply by their dequantised weights in float instead (seqvision.ops.int8.FLOAT_BELOW), which is
-faster on such CPUs.
+7-bit where its int8 multiply-add would saturate. Small layers (in and out features of harmonic mean under
+128 there, under 80 with VNNI/AMX) multiply by their dequantised weights in float instead, which is faster
+(seqvision.ops.int8.runs_int8).
 On CPUs with AMX/VNNI, oneDNN runs these GEMMs 4-10x faster than fp32 (4096x384x1536: 3.3 ms vs 16.7 ms,
 2 threads).
 """

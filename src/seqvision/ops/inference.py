@@ -69,7 +69,7 @@ def cpu_float_eval(x: torch.Tensor) -> bool:
 
 def dense(fc: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight, bias) of a layer that is a float GEMM here: a plain Linear, or an Int8Linear that runs
-    float on this CPU (seqvision.ops.int8.FLOAT_BELOW); None for anything else (an int8 GEMM keeps its bias
+    float on this CPU (seqvision.ops.int8.runs_int8); None for anything else (an int8 GEMM keeps its bias
     to itself)."""
     if type(fc) is nn.Linear:
         return fc.weight, fc.bias

@@ -10,7 +10,8 @@ activations overflow silently. Whether an engine does that on this CPU (and unde
 probed once per process with a GEMM built to overflow; where it does, activations are quantised to 7 bits
 (`reduce_range`), whose pair sums (127 * 127 * 2 = 32258) fit.
 
-On those engines small layers run a float GEMM on their dequantised weights instead (FLOAT_BELOW).
+Small layers run a float GEMM on their dequantised weights instead, smaller ones still where VNNI or AMX
+is there (FLOAT_BELOW, FLOAT_BELOW_VNNI).
 """
 from __future__ import annotations
 
@@ -35,12 +36,20 @@ ENGINES = ("onednn", "x86", "fbgemm", "qnnpack")  # preference order; oneDNN use
 # (144), 1.15x at 96 -> 288 (144) and 1.24x at 96 -> 384 (154). Sequencer2D-S's block layers (harmonic means
 # 192 to 614) ran 1.25-1.57x.
 FLOAT_BELOW = 128
+# The same where the engine does not saturate (VNNI or AMX), whose int8 GEMM saves more. oneDNN on the same
+# Xeon with AMX and VNNI, same shapes, 40 rounds: 0.62x at 64 -> 64 (64) and 0.12x for the head (96 -> 10,
+# 128 rows: 18); 0.89x, 0.92x and 1.16x at 192 -> 64, 96 -> 96 and 64 -> 192 (all 96); 1.20-2.00x above.
+# The main job's model with this limit against int8 everywhere, in one process, alternating, three runs of
+# 80 rounds: 1.11-1.13x fp32's speed against 1.10-1.12x. A run before them gave 0.81x against 1.09x (the
+# model with the limit 5 ms slower throughout), which the three did not reproduce.
+FLOAT_BELOW_VNNI = 80
 
 
 def runs_int8(in_features: int, out_features: int, reduce_range: bool) -> bool:
     """Whether a layer of this shape is an int8 GEMM on an engine that does (reduce_range) or does not
-    saturate; see FLOAT_BELOW."""
-    return not reduce_range or 2 * in_features * out_features >= FLOAT_BELOW * (in_features + out_features)
+    saturate: the harmonic mean of its in and out features is at least FLOAT_BELOW or FLOAT_BELOW_VNNI."""
+    limit = FLOAT_BELOW if reduce_range else FLOAT_BELOW_VNNI
+    return 2 * in_features * out_features >= limit * (in_features + out_features)
 
 
 @contextlib.contextmanager
@@ -93,8 +102,8 @@ class Int8Linear(nn.Module):
     """A Linear with int8 weights (one scale per output channel) and per-call int8 activations.
 
     The state dict holds plain tensors (weight_int8, weight_scale, bias), so it saves as safetensors;
-    the GEMM's packed weights are built on first use and rebuilt if those tensors change. Where the engine
-    saturates and the layer is small (FLOAT_BELOW), it multiplies float activations by its
+    the GEMM's packed weights are built on first use and rebuilt if those tensors change. Where the layer is
+    small for this CPU's engine (`runs_int8`), it multiplies float activations by its
     dequantised weights instead (`int8_gemm` False): the same file, faster on such CPUs, and closer to fp32.
 
     Args:
