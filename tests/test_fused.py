@@ -366,3 +366,112 @@ def test_block_inference_leaves_its_input_and_earlier_outputs_alone():
         y2 = block(x2)
         assert torch.equal(x1, keep) and torch.equal(y1, first)
         assert (y2 - ref.eval().stages[0].blocks[0](x2)).abs().max() <= 1e-5
+
+
+@pytest.fixture
+def gemm_engine(monkeypatch):
+    """Sets SEQVISION_GEMM_ENGINE for the test and clears the cached choice before and after."""
+    from seqvision.ops import inference
+
+    def use(name: str) -> None:
+        monkeypatch.setenv("SEQVISION_GEMM_ENGINE", name)
+        inference.gemm_engine.cache_clear()
+
+    yield use
+    monkeypatch.undo()
+    inference.gemm_engine.cache_clear()
+
+
+def test_gemm_engine_follows_the_rule_and_the_variable(monkeypatch, gemm_engine, tmp_path):
+    """oneDNN for the inference GEMMs where MKL has no AVX-512 code (a CPU not Intel's, with AVX-512 for
+    oneDNN), MKL elsewhere; SEQVISION_GEMM_ENGINE overrides, and a bad value is named."""
+    from seqvision.ops import inference
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert inference.cpu_vendor(info) == "AuthenticAMD"
+    assert inference.cpu_vendor(tmp_path / "none") == ""
+    for vendor, avx512, want in [("AuthenticAMD", True, "onednn"), ("AuthenticAMD", False, "mkl"),
+                                 ("GenuineIntel", True, "mkl"), ("", True, "mkl")]:
+        monkeypatch.setattr(inference, "cpu_vendor", lambda: vendor)
+        monkeypatch.setattr(inference, "onednn_avx512", lambda: avx512)
+        gemm_engine("auto")
+        assert inference.gemm_engine() == want, (vendor, avx512)
+    gemm_engine("MKL")
+    assert inference.gemm_engine() == "mkl"
+    gemm_engine("blas")
+    with pytest.raises(ValueError, match="SEQVISION_GEMM_ENGINE must be one of .*'blas'"):
+        inference.gemm_engine()
+
+
+def test_onednn_avx512_follows_the_isa_caps(monkeypatch):
+    from seqvision.ops import inference
+
+    for cap, env, want in [("AVX512", None, True), ("AVX512", "AVX2", False), ("AVX512", "avx512_core_amx", True),
+                           ("AVX2", None, False), ("AVX512", "ALL", True)]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cap)
+        monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+        if env is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", env)
+        assert inference.onednn_avx512() is want, (cap, env)
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+@pytest.mark.parametrize("engine", ["mkl", "onednn"])
+@pytest.mark.parametrize("fresh_rows", [None, 7])
+def test_inference_gemms_on_either_engine_match_reference(monkeypatch, gemm_engine, engine, fresh_rows):
+    """Both GEMM engines give the reference's logits, float and int8, with oneDNN's MLP in one piece and
+    in chunks of rows (fresh outputs capped at 7 rows of stage 1's hidden layer: its 24 rows in 4 chunks of 6,
+    and the wider GEMMs to MKL)."""
+    from seqvision.ops import inference
+
+    gemm_engine(engine)
+    if fresh_rows:
+        monkeypatch.setattr(inference, "FRESH_OUTPUT_BYTES", fresh_rows * 4 * 3 * 192)
+    calls = []
+    pack = inference.packed
+    monkeypatch.setattr(inference, "packed", lambda w: calls.append(tuple(w.shape)) or pack(w))
+    ref, fast = pair("sequencer2d_s", "native", layers=(1, 1, 1, 1))
+    ref.eval(), fast.eval()
+    x = torch.randn(1, 3, 28, 42)  # stage 1: 4x6 = 24 rows
+    with torch.no_grad():
+        y = ref(x)
+        assert (y - fast(x)).abs().max().item() <= 1e-5
+        # oneDNN runs the projection, fc, fc1 and fc2 of each of the 4 blocks, fc1 and fc2 once per chunk
+        if engine == "mkl":
+            assert calls == []
+        else:
+            assert len(calls) >= 16 and calls.count((576, 192)) == (1 if fresh_rows is None else 4)
+        q = quantize_int8(fast)
+        assert ((q(x) - y).norm() / y.norm()).item() < 0.05
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+def test_weights_packed_for_onednn_follow_in_place_updates(gemm_engine):
+    """The packed copy of a weight is made again after the weight is written to (a new version), and after
+    a switch to training and back, which is what catches fused optimizer steps (no version bump); it goes
+    when the weight does."""
+    from seqvision.ops import inference
+
+    gemm_engine("onednn")
+    ref, fast = pair("sequencer2d_s", "native", layers=(1, 1, 1, 1))
+    ref.eval(), fast.eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        fast(x)
+        for m in (ref, fast):
+            m.stages[1].blocks[0].mlp_channels.fc1.weight.mul_(1.5)  # bumps the version
+        assert (ref(x) - fast(x)).abs().max().item() <= 1e-5
+        for m in (ref, fast):  # as torch's fused AdamW writes: no version bump
+            w = m.stages[1].blocks[0].mlp_channels.fc2.weight
+            torch._foreach_mul_([w.data], 1.5)
+            m.train().eval()
+        assert (ref(x) - fast(x)).abs().max().item() <= 1e-5
+    w = torch.randn(256, 128)
+    inference.packed(w)
+    key = id(w)
+    assert key in inference._PACKED
+    del w
+    assert key not in inference._PACKED

@@ -20,8 +20,8 @@ from torch import nn
 from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply,
                       prune_after, resample_grid, run_blocks, take_indices, to_fmt)
 from ..ops import native, recurrence
-from ..ops.inference import (MIXED, accumulate, cpu_float_eval, dense, gate_chunk_bytes, linear_gelu, norm_and_seed,
-                             scratch)
+from ..ops.inference import (MIXED, accumulate, cpu_float_eval, dense, gate_chunk_bytes, mlp_onto, norm_and_seed,
+                             project, repack, scratch)
 from ..ops.int8 import Int8Linear
 from ..registry import register_family
 
@@ -230,11 +230,8 @@ class RNN2d(nn.Module):
         proj = (w_ih, None) if self.proj_int8 is None else dense(self.proj_int8)
         for b in range(0, B, step):
             part = x[b: b + step].reshape(-1, C)  # (b, H, W, C) -> (b*H*W, C)
-            if proj is None:
-                xg = self.proj_int8(part)
-            else:
-                xg = scratch(part.shape[0] * K * G).view(-1, K * G)  # the reused buffer: no page faults
-                torch.mm(part, proj[0].t(), out=xg)  # (b*H*W, C) @ (C, K*G): one GEMM for every direction
+            # (b*H*W, C) @ (C, K*G): one GEMM for every direction
+            xg = self.proj_int8(part) if proj is None else project(part, proj[0])
             xg = xg.view(-1, H, W, K, G)  # (b*H*W, K*G) -> (b, H, W, K, G)
             native.lstm2d(xg, bias, w_hh, groups, w_t=packed[1], out=out[b: b + step])
         return out
@@ -308,6 +305,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp_channels = Mlp(dim, int(cfg.mlp_ratio * dim), drop=cfg.proj_drop_rate)
 
+    def train(self, mode: bool = True) -> "Block":
+        repack()  # weights packed for the inference GEMMs may be stale after optimizer steps
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and cpu_float_eval(x) and isinstance(self.rnn_tokens, RNN2d) \
                 and self.rnn_tokens.runs(x) == "native":
@@ -326,13 +327,9 @@ class Block(nn.Module):
         y = norm_and_seed(x, self.norm1, rnn.fc, out).view(B, H, W, C)  # out = x + fc's bias
         mixed = rnn.mix_native(y, out=scratch(B * H * W * rnn.states_width, MIXED).view(B, H, W, -1))
         mixed = mixed.reshape(B * H * W, -1)  # (B, H, W, M) -> (B*H*W, M)
-        accumulate(out, mixed, rnn.fc)
+        out = accumulate(out, mixed, rnn.fc)
         y = norm_and_seed(out, self.norm2, mlp.fc2, out)  # in place: out += fc2's bias
-        if mlp.exact_gelu:
-            hidden = linear_gelu(y, mlp.fc1)  # overwrites the buffer the projection used: it is done with
-        else:
-            hidden = mlp.act(mlp.fc1(y))
-        return accumulate(out, hidden, mlp.fc2).view(B, H, W, C)  # (B*H*W, C) -> (B, H, W, C)
+        return mlp_onto(out, y, mlp).view(B, H, W, C)  # (B*H*W, C) -> (B, H, W, C)
 
 
 class Downsample(nn.Module):
