@@ -371,21 +371,21 @@ def test_block_inference_leaves_its_input_and_earlier_outputs_alone():
 @pytest.fixture
 def gemm_engine(monkeypatch):
     """Sets SEQVISION_GEMM_ENGINE for the test and clears the cached choice before and after."""
-    from seqvision.ops import inference
+    from seqvision.ops import gemm
 
     def use(name: str) -> None:
         monkeypatch.setenv("SEQVISION_GEMM_ENGINE", name)
-        inference.gemm_engine.cache_clear()
+        gemm.gemm_engine.cache_clear()
 
     yield use
     monkeypatch.undo()
-    inference.gemm_engine.cache_clear()
+    gemm.gemm_engine.cache_clear()
 
 
 def test_gemm_engine_follows_the_rule_and_the_variable(monkeypatch, gemm_engine, tmp_path):
-    """oneDNN for the inference GEMMs where MKL has no AVX-512 code (a CPU not Intel's, with AVX-512 for
-    oneDNN), MKL elsewhere; SEQVISION_GEMM_ENGINE overrides, and a bad value is named."""
-    from seqvision.ops import inference
+    """oneDNN for the native paths' GEMMs where MKL has no AVX-512 code (a CPU not Intel's, with AVX-512
+    for oneDNN), MKL elsewhere; SEQVISION_GEMM_ENGINE overrides, and a bad value is named."""
+    from seqvision.ops import gemm as inference
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
@@ -405,7 +405,7 @@ def test_gemm_engine_follows_the_rule_and_the_variable(monkeypatch, gemm_engine,
 
 
 def test_onednn_avx512_follows_the_isa_caps(monkeypatch):
-    from seqvision.ops import inference
+    from seqvision.ops import gemm as inference
 
     for cap, env, want in [("AVX512", None, True), ("AVX512", "AVX2", False), ("AVX512", "avx512_core_amx", True),
                            ("AVX2", None, False), ("AVX512", "ALL", True)]:
@@ -438,7 +438,9 @@ def test_inference_gemms_on_either_engine_match_reference(monkeypatch, gemm_engi
     x = torch.randn(1, 3, 28, 42)  # stage 1: 4x6 = 24 rows
     with torch.no_grad():
         y = ref(x)
+    with torch.inference_mode():  # where the stacked weights are inference tensors
         assert (y - fast(x)).abs().max().item() <= 1e-5
+    with torch.no_grad():
         # oneDNN runs the projection, fc, fc1 and fc2 of each of the 4 blocks, fc1 and fc2 once per chunk
         if engine == "mkl":
             assert calls == []
@@ -453,7 +455,7 @@ def test_weights_packed_for_onednn_follow_in_place_updates(gemm_engine):
     """The packed copy of a weight is made again after the weight is written to (a new version), and after
     a switch to training and back, which is what catches fused optimizer steps (no version bump); it goes
     when the weight does."""
-    from seqvision.ops import inference
+    from seqvision.ops import gemm
 
     gemm_engine("onednn")
     ref, fast = pair("sequencer2d_s", "native", layers=(1, 1, 1, 1))
@@ -470,8 +472,27 @@ def test_weights_packed_for_onednn_follow_in_place_updates(gemm_engine):
             m.train().eval()
         assert (ref(x) - fast(x)).abs().max().item() <= 1e-5
     w = torch.randn(256, 128)
-    inference.packed(w)
+    gemm.packed(w)
     key = id(w)
-    assert key in inference._PACKED
+    assert key in gemm._PACKED
     del w
-    assert key not in inference._PACKED
+    assert key not in gemm._PACKED
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+@pytest.mark.parametrize("engine", ["mkl", "onednn"])
+def test_training_on_either_gemm_engine_matches_reference(gemm_engine, engine):
+    """The native backend's training GEMMs (projection, fc, the MLP's two Linears) on either library give
+    the reference's outputs and gradients, and gemm.Linear those of F.linear."""
+    from seqvision.ops import gemm
+
+    gemm_engine(engine)
+    compare("sequencer2d_s", "native", (28, 28), layers=(1, 1, 1, 1))
+    x = torch.randn(2, 5, 7, requires_grad=True)
+    w, b = torch.randn(3, 7, requires_grad=True), torch.randn(3, requires_grad=True)
+    grads = []
+    for f in (torch.nn.functional.linear, gemm.linear):
+        y = f(x, w, b)
+        grads.append((y, *torch.autograd.grad(y.sin().sum(), (x, w, b))))
+    for a, c in zip(*grads):
+        assert (a - c).abs().max().item() <= 1e-5

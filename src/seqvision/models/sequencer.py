@@ -19,9 +19,9 @@ from torch import nn
 
 from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply,
                       prune_after, resample_grid, run_blocks, take_indices, to_fmt)
-from ..ops import native, recurrence
+from ..ops import gemm, native, recurrence
 from ..ops.inference import (MIXED, accumulate, cpu_float_eval, dense, gate_chunk_bytes, mlp_onto, norm_and_seed,
-                             project, repack, scratch)
+                             project, scratch)
 from ..ops.int8 import Int8Linear
 from ..registry import register_family
 
@@ -133,6 +133,8 @@ class RNN2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.runs(x)
         x = self.mix_native(x) if backend == "native" else self.mix_fused(x) if backend == "fused" else self.mix(x)
+        if backend == "native" and type(self.fc) is nn.Linear:
+            return gemm.linear(x, self.fc.weight, self.fc.bias)  # this CPU's faster GEMM library
         return self.fc(x) if self.fc is not None else x
 
     def unite(self, out: torch.Tensor) -> torch.Tensor:
@@ -204,7 +206,7 @@ class RNN2d(nn.Module):
         K, G, _ = w_hh.shape
         if cpu_float_eval(x):
             return self.unite(self.mix_native_inference(x, w_ih, bias.view(K, G), w_hh, dirs, out))
-        xg = F.linear(x, w_ih).view(B, H, W, K, G)  # (B, H, W, C) -> (B, H, W, K, G): one GEMM
+        xg = gemm.linear(x, w_ih).view(B, H, W, K, G)  # (B, H, W, C) -> (B, H, W, K, G): one GEMM
         out = native.lstm2d(xg.float().contiguous(), bias.view(K, G).float(), w_hh.float(),
                             recurrence.groups(dirs, H, W))
         return self.unite(out.to(x.dtype))  # (B, H, W, K*D) -> (B, H, W, union width)
@@ -306,7 +308,7 @@ class Block(nn.Module):
         self.mlp_channels = Mlp(dim, int(cfg.mlp_ratio * dim), drop=cfg.proj_drop_rate)
 
     def train(self, mode: bool = True) -> "Block":
-        repack()  # weights packed for the inference GEMMs may be stale after optimizer steps
+        gemm.repack()  # weights packed for the inference GEMMs may be stale after optimizer steps
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,16 +2,14 @@
 block's elementwise work fused into passes of the native extension around the GEMMs."""
 from __future__ import annotations
 
-import functools
-import os
 import threading
-import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import native
+from .gemm import gemm_engine, packed
 from .int8 import Int8Linear
 
 # The buffers Block.forward_inference cycles through; one of each per thread, so concurrent callers never
@@ -81,55 +79,14 @@ def dense(fc: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None] | No
     return None
 
 
-GEMM_ENGINES = ("mkl", "onednn")
 # oneDNN's GEMMs hand back a fresh output. glibc serves blocks over 32 MiB from mmap, page-faulted in on
 # every call, which costs more than oneDNN saves (16384 x 576, 37.7 MB: 125-135 GFLOP/s against MKL's 179
 # in place), so larger outputs go in chunks of rows (mlp_onto) or to MKL.
 FRESH_OUTPUT_BYTES = 30 << 20
-# Narrower GEMMs stay on MKL: with 64 or 96 on a side, oneDNN's GELU and add epilogues cost more than its
-# GEMM saves (the main job's model, batch 128: 0.84x and 0.98x the whole pass with every GEMM on oneDNN).
+# Narrower GEMMs stay on MKL at inference: with 64 or 96 on a side, oneDNN's GELU and add epilogues cost
+# more than its GEMM saves (the main job's model, batch 128: 0.84x and 0.98x the whole pass with every GEMM
+# on oneDNN).
 ONEDNN_MIN_FEATURES = 128
-
-
-@functools.cache
-def gemm_engine() -> str:
-    """The library that runs the float GEMMs of native inference here: 'mkl' (torch.mm, what timm and
-    nn.Linear run) or 'onednn' (torch.ops.mkldnn._linear_pointwise, with the bias and GELU or the residual
-    add in the GEMM's epilogue). SEQVISION_GEMM_ENGINE names one; otherwise oneDNN on a CPU that is not
-    Intel's and has AVX-512 for it, MKL elsewhere. A rule rather than a timing, so that a model gives the
-    same floats in every process on one machine.
-
-    MKL runs its AVX-512 code on Intel CPUs only. On an AMD EPYC (Zen 4, AVX-512), 2 threads, oneDNN ran
-    Sequencer2D-S's GEMM shapes at 195-220 GFLOP/s against MKL's 146-197, whole-model inference 8% faster
-    at batch 16 and 15% at batch 1; capped at AVX2 there, oneDNN was level with MKL and slower with GELU
-    in its epilogue (125-155 against 141-177). On Intel Xeons MKL's GEMMs ran at the machine's rate."""
-    name = os.environ.get("SEQVISION_GEMM_ENGINE", "auto").strip().lower()
-    if name not in GEMM_ENGINES + ("auto",):
-        raise ValueError(f"SEQVISION_GEMM_ENGINE must be one of {GEMM_ENGINES + ('auto',)}, got {name!r}")
-    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    if name == "onednn" and not onednn:
-        raise RuntimeError("SEQVISION_GEMM_ENGINE=onednn, but this torch build has no oneDNN linear")
-    if name != "auto":
-        return name
-    return "onednn" if onednn and cpu_vendor() not in ("GenuineIntel", "") and onednn_avx512() else "mkl"
-
-
-def cpu_vendor(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """The x86 vendor string of CPU 0 ('GenuineIntel', 'AuthenticAMD'); '' where Linux does not list one."""
-    try:
-        for line in Path(cpuinfo).read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def onednn_avx512() -> bool:
-    """Whether oneDNN may run AVX-512 code here: the CPU (as ATen sees it, ATEN_CPU_CAPABILITY included)
-    has it, and ONEDNN_MAX_CPU_ISA, if set, does not cap oneDNN below it."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).strip().upper()
-    return torch.backends.cpu.get_cpu_capability().lower() == "avx512" and cap.startswith(("ALL", "AVX512", "AVX10"))
 
 
 def _onednn(weight: torch.Tensor) -> bool:
@@ -142,35 +99,6 @@ def _fresh(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x @ weight^T goes to oneDNN, which writes a fresh output: _onednn and the output is at most
     FRESH_OUTPUT_BYTES."""
     return _onednn(weight) and x.shape[0] * weight.shape[0] * 4 <= FRESH_OUTPUT_BYTES
-
-
-# id(weight) -> (a weak reference to it, its _version, the generation, the weight in oneDNN's layout); a
-# weight's entry goes when the weight does. Keyed by id because tensors compare by value.
-_PACKED: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}
-_PACKED_LOCK = threading.Lock()
-_GENERATION = [0]
-
-
-def repack() -> None:
-    """Make packed() pack every weight afresh at its next call. torch's fused optimizers write the weights
-    in place without bumping their _version, so Block.train() (each switch between training and
-    evaluation) calls this."""
-    _GENERATION[0] += 1
-
-
-def packed(weight: torch.Tensor) -> torch.Tensor:
-    """weight (out, in) in oneDNN's blocked layout, made once and kept while the weight lives, is not
-    written to (a new _version) and repack() is not called. Saves oneDNN a reorder of the weights in every
-    call: 2-5% of a GEMM's time on Sequencer2D-S's shapes (AMD EPYC, Zen 4), for a second copy of them."""
-    key, now = id(weight), (weight._version, _GENERATION[0])
-    with _PACKED_LOCK:
-        hit = _PACKED.get(key)
-        if hit is None or hit[0]() is not weight:
-            weakref.finalize(weight, _PACKED.pop, key, None)
-        elif hit[1:3] == now:
-            return hit[3]
-        _PACKED[key] = (weakref.ref(weight), *now, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
-        return _PACKED[key][3]
 
 
 def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from . import gemm
+
 # torch's extension builder warns "no CUDA runtime" on import on CPU-only hosts; the kernel is CPU code.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 SOURCE = Path(__file__).parent / "csrc" / "lstm_recurrence.cpp"
@@ -179,7 +181,7 @@ class LinearGELU(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ext = extension()
         x2 = x.reshape(-1, x.shape[-1])  # (..., K) -> (M, K)
-        pre = torch.mm(x2, weight.t())  # (M, N), + bias in the pass below
+        pre = gemm.mm_t(x2, weight)  # (M, N), + bias in the pass below
         y = torch.empty_like(pre)
         ext.bias_gelu(pre, bias, y)
         ctx.save_for_backward(x2, weight, pre)
@@ -190,7 +192,7 @@ class LinearGELU(torch.autograd.Function):
         x2, weight, pre = ctx.saved_tensors
         grad_pre = torch.empty_like(pre)
         grad_b = extension().gelu_backward_bias(grad_y.reshape(pre.shape).contiguous(), pre, grad_pre)
-        grad_x = torch.mm(grad_pre, weight).view(*grad_y.shape[:-1], -1) if ctx.needs_input_grad[0] else None
+        grad_x = gemm.mm(grad_pre, weight).view(*grad_y.shape[:-1], -1) if ctx.needs_input_grad[0] else None
         grad_w = torch.mm(grad_pre.t(), x2) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, grad_b
 
