@@ -14,7 +14,7 @@ from torch import nn
 from . import create_model
 from .engine import make_optimizer
 from .flops import count_macs, count_params
-from .ops import inference, int8, native
+from .ops import gemm, int8, native
 from .ops.int8 import Int8Linear
 from .quantize import quantize_int8
 
@@ -72,7 +72,7 @@ def keep_freed_memory() -> None:
 
 def machine() -> dict:
     """What a speed figure depends on: the CPU, the ISA the native kernel was built for, oneDNN's and fbgemm's
-    ISA caps, the library of the native inference's float GEMMs, the int8 engine with its activation width,
+    ISA caps, the library of the native paths' float GEMMs, the int8 engine with its activation width,
     and whether malloc keeps freed memory."""
     name = platform.processor() or platform.machine()
     try:
@@ -83,7 +83,7 @@ def machine() -> dict:
     return {"cpu": name, "cpu_isa": native.cpu_isa(), "kernel_isa": native.build_isa(),
             "onednn_isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", "none"),
             "fbgemm_isa_cap": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "none"),
-            "gemm": inference.gemm_engine(),
+            "gemm": gemm.gemm_engine(),
             "int8": f"{engine}, {7 if reduce_range else 8}-bit activations",
             "malloc": "keeps freed memory" if _KEPT else "default"}
 

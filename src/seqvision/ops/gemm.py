@@ -19,9 +19,9 @@ GEMM_ENGINES = ("mkl", "onednn")
 def gemm_engine() -> str:
     """The library that runs the float GEMMs of the native paths here: 'mkl' (torch.mm, what timm and
     nn.Linear run) or 'onednn' (torch.ops.mkldnn._linear_pointwise; at inference with the bias and GELU or
-    the residual add in the GEMM's epilogue). SEQVISION_GEMM_ENGINE names one; otherwise oneDNN on a CPU that is not
-    Intel's and has AVX-512 for it, MKL elsewhere. A rule rather than a timing, so that a model gives the
-    same floats in every process on one machine.
+    the residual add in the GEMM's epilogue). SEQVISION_GEMM_ENGINE names one; otherwise oneDNN on a CPU
+    that is not Intel's and has AVX-512 for it, MKL elsewhere. A rule rather than a timing, so that a model
+    gives the same floats in every process on one machine.
 
     MKL runs its AVX-512 code on Intel CPUs only. On an AMD EPYC (Zen 4, AVX-512), 2 threads, oneDNN ran
     Sequencer2D-S's GEMM shapes at 195-220 GFLOP/s against MKL's 146-197, whole-model inference 8% faster
