@@ -23,11 +23,12 @@ def gemm_engine() -> str:
     that is not Intel's and has AVX-512 for it, MKL elsewhere. A rule rather than a timing, so that a model
     gives the same floats in every process on one machine.
 
-    MKL runs its AVX-512 code on Intel CPUs only. On an AMD EPYC (Zen 4, AVX-512), 2 threads, oneDNN ran
-    Sequencer2D-S's GEMM shapes at 195-220 GFLOP/s against MKL's 146-197, whole-model inference 8% faster
-    at batch 16 and 15% at batch 1, and the main job's model's training step 9% faster (forward and input
-    gradients on oneDNN); capped at AVX2 there, oneDNN was level with MKL and slower with GELU in its
-    epilogue (125-155 against 141-177). On Intel Xeons MKL's GEMMs ran at the machine's rate."""
+    MKL picks its code by CPU vendor (on AMD's Zen 4 MKL_VERBOSE names no vector-extension path, and its rates
+    were in the range they had under MKL_ENABLE_INSTRUCTIONS=AVX2). On an AMD EPYC (Zen 4, AVX-512), 2 threads,
+    oneDNN ran Sequencer2D-S's GEMM shapes at 195-220 GFLOP/s against MKL's 146-197, whole-model inference 4-8%
+    faster at batch 16 and 15% at batch 1, and the main job's model's training step 9% faster (forward and input
+    gradients on oneDNN); capped at AVX2 there, oneDNN was level with MKL and slower with GELU in its epilogue
+    (125-155 against 141-177). On Intel Xeons MKL's GEMMs ran at the machine's rate."""
     name = os.environ.get("SEQVISION_GEMM_ENGINE", "auto").strip().lower()
     if name not in GEMM_ENGINES + ("auto",):
         raise ValueError(f"SEQVISION_GEMM_ENGINE must be one of {GEMM_ENGINES + ('auto',)}, got {name!r}")
