@@ -385,27 +385,27 @@ def gemm_engine(monkeypatch):
 def test_gemm_engine_follows_the_rule_and_the_variable(monkeypatch, gemm_engine, tmp_path):
     """oneDNN for the native paths' GEMMs where MKL has no AVX-512 code (a CPU not Intel's, with AVX-512
     for oneDNN), MKL elsewhere; SEQVISION_GEMM_ENGINE overrides, and a bad value is named."""
-    from seqvision.ops import gemm as inference
+    from seqvision.ops import gemm
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
-    assert inference.cpu_vendor(info) == "AuthenticAMD"
-    assert inference.cpu_vendor(tmp_path / "none") == ""
+    assert gemm.cpu_vendor(info) == "AuthenticAMD"
+    assert gemm.cpu_vendor(tmp_path / "none") == ""
     for vendor, avx512, want in [("AuthenticAMD", True, "onednn"), ("AuthenticAMD", False, "mkl"),
                                  ("GenuineIntel", True, "mkl"), ("", True, "mkl")]:
-        monkeypatch.setattr(inference, "cpu_vendor", lambda: vendor)
-        monkeypatch.setattr(inference, "onednn_avx512", lambda: avx512)
+        monkeypatch.setattr(gemm, "cpu_vendor", lambda: vendor)
+        monkeypatch.setattr(gemm, "onednn_avx512", lambda: avx512)
         gemm_engine("auto")
-        assert inference.gemm_engine() == want, (vendor, avx512)
+        assert gemm.gemm_engine() == want, (vendor, avx512)
     gemm_engine("MKL")
-    assert inference.gemm_engine() == "mkl"
+    assert gemm.gemm_engine() == "mkl"
     gemm_engine("blas")
     with pytest.raises(ValueError, match="SEQVISION_GEMM_ENGINE must be one of .*'blas'"):
-        inference.gemm_engine()
+        gemm.gemm_engine()
 
 
 def test_onednn_avx512_follows_the_isa_caps(monkeypatch):
-    from seqvision.ops import gemm as inference
+    from seqvision.ops import gemm
 
     for cap, env, want in [("AVX512", None, True), ("AVX512", "AVX2", False), ("AVX512", "avx512_core_amx", True),
                            ("AVX2", None, False), ("AVX512", "ALL", True)]:
@@ -415,7 +415,7 @@ def test_onednn_avx512_follows_the_isa_caps(monkeypatch):
             monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
         else:
             monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", env)
-        assert inference.onednn_avx512() is want, (cap, env)
+        assert gemm.onednn_avx512() is want, (cap, env)
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")

@@ -20,8 +20,8 @@ from torch import nn
 from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply,
                       prune_after, resample_grid, run_blocks, take_indices, to_fmt)
 from ..ops import gemm, native, recurrence
-from ..ops.inference import (MIXED, accumulate, cpu_float_eval, dense, gate_chunk_bytes, mlp_onto, norm_and_seed,
-                             project, scratch)
+from ..ops.inference import (MIXED, accumulate, cpu_float_eval, dense, equal_chunks, gate_chunk_bytes, mlp_onto,
+                             norm_and_seed, project, scratch)
 from ..ops.int8 import Int8Linear
 from ..registry import register_family
 
@@ -224,8 +224,7 @@ class RNN2d(nn.Module):
         packed = self.__dict__.get("_packed_hh")
         if packed is None or packed[0] is not w_hh:  # stacked_weights hands back the same tensor until it changes
             packed = self.__dict__["_packed_hh"] = (w_hh, native.pack_recurrent(w_hh))
-        fit = max(1, XG_CHUNK_BYTES // (H * W * K * G * 4))  # images whose gates fit in the budget
-        step = math.ceil(B / math.ceil(B / fit))  # as many chunks, made equal: 16 images by 5 -> 4 x 4
+        step = equal_chunks(B, XG_CHUNK_BYTES // (H * W * K * G * 4))  # images whose gates fit in the budget
         groups = recurrence.groups(dirs, H, W)
         out = x.new_empty(B, H, W, K * D) if out is None else out
         # (weights, bias) of a float GEMM, or None for an int8 one (an int8 layer may run float on this CPU)

@@ -2,6 +2,7 @@
 block's elementwise work fused into passes of the native extension around the GEMMs."""
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from . import native
-from .gemm import gemm_engine, packed
+from .gemm import gemm_engine, mm_t, packed
 from .int8 import Int8Linear
 
 # The buffers Block.forward_inference cycles through; one of each per thread, so concurrent callers never
@@ -89,6 +90,12 @@ FRESH_OUTPUT_BYTES = 30 << 20
 ONEDNN_MIN_FEATURES = 128
 
 
+def equal_chunks(n: int, most: int) -> int:
+    """The chunk size that splits n items into as few chunks of at most `most` as possible, made equal:
+    16 by at most 5 -> 4 chunks of 4."""
+    return math.ceil(n / math.ceil(n / max(1, most)))
+
+
 def _onednn(weight: torch.Tensor) -> bool:
     """Whether x @ weight^T goes to oneDNN: gemm_engine() says so and both of weight's sides are at least
     ONEDNN_MIN_FEATURES."""
@@ -105,7 +112,7 @@ def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T for 2-D contiguous x, no bias: on oneDNN into a fresh tensor, otherwise into the WIDE
     buffer (so the caller must be done with it)."""
     if _fresh(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, packed(weight), None, "none", [], "")
+        return mm_t(x, packed(weight))
     return torch.mm(x, weight.t(), out=scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], -1))
 
 
@@ -160,10 +167,9 @@ def mlp_onto(seed: torch.Tensor, x: torch.Tensor, mlp: nn.Module) -> torch.Tenso
         return linear_gelu(rows, mlp.fc1) if mlp.exact_gelu else mlp.act(mlp.fc1(rows))
 
     wb = dense(mlp.fc1)
-    step = max(1, FRESH_OUTPUT_BYTES // (4 * mlp.fc1.out_features))
-    if wb is None or not _onednn(wb[0]) or x.shape[0] <= step:
+    step = equal_chunks(x.shape[0], FRESH_OUTPUT_BYTES // (4 * mlp.fc1.out_features))
+    if wb is None or not _onednn(wb[0]) or step == x.shape[0]:
         return accumulate(seed, hidden(x), mlp.fc2)
-    step = -(-x.shape[0] // -(-x.shape[0] // step))  # as many chunks, made equal
     for r in range(0, x.shape[0], step):
         part = seed[r: r + step]
         part.copy_(accumulate(part, hidden(x[r: r + step]), mlp.fc2))  # no copy where it ran in place
