@@ -384,21 +384,24 @@ def gemm_engine(monkeypatch):
 
 def test_gemm_engine_follows_the_rule_and_the_variable(monkeypatch, gemm_engine, tmp_path):
     """oneDNN for the native paths' GEMMs where MKL has no AVX-512 code (a CPU not Intel's, with AVX-512
-    for oneDNN), MKL elsewhere; SEQVISION_GEMM_ENGINE overrides, and a bad value is named."""
+    for oneDNN), and for plain GEMMs on any CPU not Intel's; MKL elsewhere. SEQVISION_GEMM_ENGINE overrides
+    both, and a bad value is named."""
     from seqvision.ops import gemm
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
     assert gemm.cpu_vendor(info) == "AuthenticAMD"
     assert gemm.cpu_vendor(tmp_path / "none") == ""
-    for vendor, avx512, want in [("AuthenticAMD", True, "onednn"), ("AuthenticAMD", False, "mkl"),
-                                 ("GenuineIntel", True, "mkl"), ("", True, "mkl")]:
+    for vendor, avx512, want, plain in [("AuthenticAMD", True, "onednn", "onednn"),
+                                        ("AuthenticAMD", False, "mkl", "onednn"),
+                                        ("GenuineIntel", True, "mkl", "mkl"), ("GenuineIntel", False, "mkl", "mkl"),
+                                        ("", True, "mkl", "mkl")]:
         monkeypatch.setattr(gemm, "cpu_vendor", lambda: vendor)
         monkeypatch.setattr(gemm, "onednn_avx512", lambda: avx512)
         gemm_engine("auto")
-        assert gemm.gemm_engine() == want, (vendor, avx512)
+        assert (gemm.gemm_engine(), gemm.gemm_engine(plain=True)) == (want, plain), (vendor, avx512)
     gemm_engine("MKL")
-    assert gemm.gemm_engine() == "mkl"
+    assert gemm.gemm_engine() == gemm.gemm_engine(plain=True) == "mkl"
     gemm_engine("blas")
     with pytest.raises(ValueError, match="SEQVISION_GEMM_ENGINE must be one of .*'blas'"):
         gemm.gemm_engine()
@@ -419,15 +422,19 @@ def test_onednn_avx512_follows_the_isa_caps(monkeypatch):
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
-@pytest.mark.parametrize("engine", ["mkl", "onednn"])
+@pytest.mark.parametrize("engine", ["mkl", "onednn", "projection"])
 @pytest.mark.parametrize("fresh_rows", [None, 7])
 def test_inference_gemms_on_either_engine_match_reference(monkeypatch, gemm_engine, engine, fresh_rows):
-    """Both GEMM engines give the reference's logits, float and int8, with oneDNN's MLP in one piece and
-    in chunks of rows (fresh outputs capped at 7 rows of stage 1's hidden layer: its 24 rows in 4 chunks of 6,
-    and the wider GEMMs to MKL)."""
-    from seqvision.ops import inference
+    """Both GEMM engines, and the split of a CPU not Intel's without AVX-512 (the projection on oneDNN, the
+    rest on MKL), give the reference's logits, float and int8, with oneDNN's MLP in one piece and in chunks
+    of rows (fresh outputs capped at 7 rows of stage 1's hidden layer: its 24 rows in 4 chunks of 6, and the
+    wider GEMMs to MKL)."""
+    from seqvision.ops import gemm, inference
 
-    gemm_engine(engine)
+    if engine == "projection":
+        monkeypatch.setattr(gemm, "cpu_vendor", lambda: "AuthenticAMD")
+        monkeypatch.setattr(gemm, "onednn_avx512", lambda: False)
+    gemm_engine("auto" if engine == "projection" else engine)
     if fresh_rows:
         monkeypatch.setattr(inference, "FRESH_OUTPUT_BYTES", fresh_rows * 4 * 3 * 192)
     calls = []
@@ -444,6 +451,8 @@ def test_inference_gemms_on_either_engine_match_reference(monkeypatch, gemm_engi
         # oneDNN runs the projection, fc, fc1 and fc2 of each of the 4 blocks, fc1 and fc2 once per chunk
         if engine == "mkl":
             assert calls == []
+        elif engine == "projection":  # projection outputs (24 x 768, 6 x 1536) are over the 7-row cap
+            assert calls == ([(768, 192)] + [(1536, 384)] * 3 if fresh_rows is None else [])
         else:
             assert len(calls) >= 16 and calls.count((576, 192)) == (1 if fresh_rows is None else 4)
         q = quantize_int8(fast)

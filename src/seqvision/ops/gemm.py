@@ -16,19 +16,25 @@ GEMM_ENGINES = ("mkl", "onednn")
 
 
 @functools.cache
-def gemm_engine() -> str:
+def gemm_engine(plain: bool = False) -> str:
     """The library that runs the float GEMMs of the native paths here: 'mkl' (torch.mm, what timm and
     nn.Linear run) or 'onednn' (torch.ops.mkldnn._linear_pointwise; at inference with the bias and GELU or
-    the residual add in the GEMM's epilogue). SEQVISION_GEMM_ENGINE names one; otherwise oneDNN on a CPU
-    that is not Intel's and has AVX-512 for it, MKL elsewhere. A rule rather than a timing, so that a model
-    gives the same floats in every process on one machine.
+    the residual add in the GEMM's epilogue). SEQVISION_GEMM_ENGINE names one for every GEMM; otherwise
+    oneDNN on a CPU that is not Intel's and has AVX-512 for it, MKL elsewhere, except that a plain GEMM takes
+    oneDNN on any CPU not Intel's. A rule rather than a timing, so that a model gives the same floats in
+    every process on one machine.
+
+    Args:
+        plain: the GEMM writes its product and nothing else (BiLSTM2D's input projection at inference).
 
     MKL picks its code by CPU vendor (on AMD's Zen 4 MKL_VERBOSE names no vector-extension path, and its rates
     were in the range they had under MKL_ENABLE_INSTRUCTIONS=AVX2). On an AMD EPYC (Zen 4, AVX-512), 2 threads,
     oneDNN ran Sequencer2D-S's GEMM shapes at 195-220 GFLOP/s against MKL's 146-197, whole-model inference 4-8%
     faster at batch 16 and 15% at batch 1, and the main job's model's training step 9% faster (forward and input
     gradients on oneDNN); capped at AVX2 there, oneDNN was level with MKL and slower with GELU in its epilogue
-    (125-155 against 141-177). On Intel Xeons MKL's GEMMs ran at the machine's rate."""
+    (125-155 against 141-177), but it ran the plain GEMM of the input projection 1.00-1.37x as fast (the
+    widest gain at batch 1: 256 x 384 -> 1536, 1.57 against 2.17 ms), whole-model inference at batch 1 3-5%
+    faster. On Intel Xeons MKL's GEMMs ran at the machine's rate."""
     name = os.environ.get("SEQVISION_GEMM_ENGINE", "auto").strip().lower()
     if name not in GEMM_ENGINES + ("auto",):
         raise ValueError(f"SEQVISION_GEMM_ENGINE must be one of {GEMM_ENGINES + ('auto',)}, got {name!r}")
@@ -37,7 +43,7 @@ def gemm_engine() -> str:
         raise RuntimeError("SEQVISION_GEMM_ENGINE=onednn, but this torch build has no oneDNN linear")
     if name != "auto":
         return name
-    return "onednn" if onednn and cpu_vendor() not in ("GenuineIntel", "") and onednn_avx512() else "mkl"
+    return "onednn" if onednn and cpu_vendor() not in ("GenuineIntel", "") and (plain or onednn_avx512()) else "mkl"
 
 
 def cpu_vendor(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
@@ -88,9 +94,10 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
         return _PACKED[key][3]
 
 
-def mm_t(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a (M, K) @ w (N, K)^T + bias into a fresh tensor, on gemm_engine()'s library; float32 CPU tensors."""
-    if gemm_engine() == "onednn":
+def mm_t(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, plain: bool = False) -> torch.Tensor:
+    """a (M, K) @ w (N, K)^T + bias into a fresh tensor, on gemm_engine(plain)'s library; float32 CPU
+    tensors."""
+    if gemm_engine(plain) == "onednn":
         return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
     return torch.mm(a, w.t()) if bias is None else torch.addmm(bias, a, w.t())
 

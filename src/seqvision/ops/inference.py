@@ -96,23 +96,23 @@ def equal_chunks(n: int, most: int) -> int:
     return math.ceil(n / math.ceil(n / max(1, most)))
 
 
-def _onednn(weight: torch.Tensor) -> bool:
-    """Whether x @ weight^T goes to oneDNN: gemm_engine() says so and both of weight's sides are at least
-    ONEDNN_MIN_FEATURES."""
-    return gemm_engine() == "onednn" and min(weight.shape) >= ONEDNN_MIN_FEATURES
+def _onednn(weight: torch.Tensor, plain: bool = False) -> bool:
+    """Whether x @ weight^T goes to oneDNN: gemm_engine(plain) says so and both of weight's sides are at
+    least ONEDNN_MIN_FEATURES."""
+    return gemm_engine(plain) == "onednn" and min(weight.shape) >= ONEDNN_MIN_FEATURES
 
 
-def _fresh(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _fresh(x: torch.Tensor, weight: torch.Tensor, plain: bool = False) -> bool:
     """Whether x @ weight^T goes to oneDNN, which writes a fresh output: _onednn and the output is at most
     FRESH_OUTPUT_BYTES."""
-    return _onednn(weight) and x.shape[0] * weight.shape[0] * 4 <= FRESH_OUTPUT_BYTES
+    return _onednn(weight, plain) and x.shape[0] * weight.shape[0] * 4 <= FRESH_OUTPUT_BYTES
 
 
 def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T for 2-D contiguous x, no bias: on oneDNN into a fresh tensor, otherwise into the WIDE
-    buffer (so the caller must be done with it)."""
-    if _fresh(x, weight):
-        return mm_t(x, packed(weight))
+    buffer (so the caller must be done with it). A plain GEMM: see gemm_engine."""
+    if _fresh(x, weight, plain=True):
+        return mm_t(x, packed(weight), plain=True)
     return torch.mm(x, weight.t(), out=scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], -1))
 
 
