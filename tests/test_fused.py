@@ -230,14 +230,16 @@ def test_without_a_compiler_falls_back(tmp_path):
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
 @pytest.mark.parametrize("in_place", [True, False])
-def test_bias_gelu_epilogue_matches_torch(in_place):
-    """The MLP's epilogue: exact GELU of x + bias, also where erf has reached +-1; NaN passes. In place at
-    inference; in training x keeps x + bias for the backward."""
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bias_gelu_epilogue_matches_torch(in_place, with_bias):
+    """The MLP's epilogue: exact GELU of x + bias (or of x, after an int8 GEMM that adds its own bias), also
+    where erf has reached +-1; NaN passes. In place at inference; in training x keeps x + bias for the
+    backward."""
     x = torch.linspace(-9, 9, 30000).view(-1, 3)
-    b = torch.tensor([0.0, 0.5, -2.0])
+    b = torch.tensor([0.0, 0.5, -2.0]) if with_bias else torch.zeros(3)
     pre = x.clone()
     y = pre if in_place else torch.empty_like(x)
-    native.extension().bias_gelu(pre, b, y)
+    native.extension().bias_gelu(pre, b if with_bias else None, y)
     ref = torch.nn.functional.gelu(x + b)
     assert ((y - ref).abs() / (x + b).abs().clamp(min=1)).max() <= 1e-6
     if not in_place:

@@ -143,11 +143,15 @@ def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
     """gelu(fc(x)) for 2-D x: on oneDNN in the GEMM's epilogue, into a fresh tensor; otherwise written into
     the WIDE buffer (so the caller must be done with it before the next call that uses the buffer), bias
     and GELU in one pass of the native extension, so callers are on the native path
-    (Block.forward_inference). A module that is not a float GEMM (`dense`) is called as
-    it is."""
+    (Block.forward_inference). A module that is not a float GEMM (`dense`) is called as it is, then GELU
+    in place (the native pass where its output is a contiguous 2-D float32 tensor)."""
     wb = dense(fc)
-    if wb is None:
-        return torch.ops.aten.gelu_(fc(x))
+    if wb is None:  # an int8 GEMM, its bias added inside, or another module
+        hidden = fc(x)
+        if hidden.dim() == 2 and hidden.is_contiguous() and hidden.dtype == torch.float32:
+            native.extension().bias_gelu(hidden, None, hidden)
+            return hidden
+        return torch.ops.aten.gelu_(hidden)
     weight, bias = wb
     if _fresh(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, packed(weight), bias, "gelu", [], "none")
