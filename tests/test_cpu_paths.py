@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import seqvision
-from seqvision.ops import int8, native
+from seqvision.ops import cpu, int8, native
 from seqvision.quantize import Int8Linear, quantize_int8
 from seqvision.train import make_deterministic, process_group_backend
 
 from conftest import random_state_dict
 
-X86 = native.cpu_isa() != "baseline"
+X86 = cpu.cpu_isa() != "baseline"
 HAVE_NATIVE = native.available()
 
 
@@ -167,13 +167,13 @@ def test_builds_for_different_isas_never_share_a_cache_entry():
 
 
 def test_a_wider_isa_than_the_cpu_is_refused(monkeypatch):
-    monkeypatch.setattr(native, "cpu_isa", lambda: "avx2")
+    monkeypatch.setattr(cpu, "cpu_isa", lambda: "avx2")
     monkeypatch.setenv("SEQVISION_ISA", "avx512")
     with pytest.warns(UserWarning, match="wider than this CPU"):
-        assert native.build_isa() == "avx2"
+        assert cpu.build_isa() == "avx2"
     monkeypatch.setenv("SEQVISION_ISA", "sse9")
     with pytest.raises(ValueError, match="SEQVISION_ISA must be one of"):
-        native.build_isa()
+        cpu.build_isa()
 
 
 # Run against whichever build is loaded: train and eval outputs and every gradient against the reference,
@@ -212,8 +212,8 @@ for train in (True, False):
 
 NARROW_KERNEL = """
 import os
-from seqvision.ops import native
-assert native.build_isa() == os.environ["SEQVISION_ISA"], native.build_isa()
+from seqvision.ops import cpu, native
+assert cpu.build_isa() == os.environ["SEQVISION_ISA"], cpu.build_isa()
 print(native.build_spec().directory / (native.build_spec().name + ".so"))
 """ + KERNEL_CHECKS
 
@@ -244,7 +244,7 @@ def test_narrower_kernel_builds_match_the_reference(isa):
 
 
 @pytest.mark.slow  # a build of its own: about a minute of compiling
-@pytest.mark.skipif(not (X86 and HAVE_NATIVE) or native.cpu_isa() == "avx512",
+@pytest.mark.skipif(not (X86 and HAVE_NATIVE) or cpu.cpu_isa() == "avx512",
                     reason="needs an x86 CPU without AVX-512 (where the AVX-512 build itself is tested) and a compiler")
 def test_avx512_tile_shape_matches_the_reference_on_any_cpu(tmp_path):
     """The AVX-512 build's tiles, padding to 16 floats and partial sums, checked on a CPU that cannot run

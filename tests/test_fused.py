@@ -385,32 +385,57 @@ def gemm_engine(monkeypatch):
 
 
 def test_gemm_engine_follows_the_rule_and_the_variable(monkeypatch, gemm_engine, tmp_path):
-    """oneDNN for the native paths' GEMMs where MKL has no AVX-512 code (a CPU not Intel's, with AVX-512
-    for oneDNN), and for plain GEMMs on any CPU not Intel's; MKL elsewhere. SEQVISION_GEMM_ENGINE overrides
-    both, and a bad value is named."""
-    from seqvision.ops import gemm
+    """On a CPU not Intel's: the native GEMM at inference where the extension is built for AVX2 or AVX-512,
+    oneDNN in training where it has AVX-512; MKL elsewhere. SEQVISION_GEMM_ENGINE overrides (training takes
+    MKL for 'native', which has no training GEMM), and a bad value is named."""
+    from seqvision.ops import cpu, gemm
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
-    assert gemm.cpu_vendor(info) == "AuthenticAMD"
-    assert gemm.cpu_vendor(tmp_path / "none") == ""
-    for vendor, avx512, want, plain in [("AuthenticAMD", True, "onednn", "onednn"),
-                                        ("AuthenticAMD", False, "mkl", "onednn"),
-                                        ("GenuineIntel", True, "mkl", "mkl"), ("GenuineIntel", False, "mkl", "mkl"),
-                                        ("", True, "mkl", "mkl")]:
+    assert cpu.cpu_vendor(info) == "AuthenticAMD"
+    assert cpu.cpu_vendor(tmp_path / "none") == ""
+    for vendor, avx512, isa, want in [("AuthenticAMD", True, "avx512", ("native", "onednn")),
+                                      ("AuthenticAMD", True, "avx2", ("native", "onednn")),
+                                      ("AuthenticAMD", False, "avx2", ("native", "mkl")),
+                                      ("AuthenticAMD", False, "baseline", ("mkl", "mkl")),
+                                      ("GenuineIntel", True, "avx512", ("mkl", "mkl")),
+                                      ("GenuineIntel", False, "avx2", ("mkl", "mkl")), ("", False, "avx2", ("mkl", "mkl"))]:
         monkeypatch.setattr(gemm, "cpu_vendor", lambda: vendor)
         monkeypatch.setattr(gemm, "onednn_avx512", lambda: avx512)
+        monkeypatch.setattr(gemm, "build_isa", lambda: isa)
         gemm_engine("auto")
-        assert (gemm.gemm_engine(), gemm.gemm_engine(plain=True)) == (want, plain), (vendor, avx512)
-    gemm_engine("MKL")
-    assert gemm.gemm_engine() == gemm.gemm_engine(plain=True) == "mkl"
+        assert (gemm.gemm_engine(), gemm.gemm_engine(training=True)) == want, (vendor, avx512, isa)
+    for name, want in [("MKL", ("mkl", "mkl")), ("onednn", ("onednn", "onednn")), ("native", ("native", "mkl"))]:
+        gemm_engine(name)
+        assert (gemm.gemm_engine(), gemm.gemm_engine(training=True)) == want, name
     gemm_engine("blas")
     with pytest.raises(ValueError, match="SEQVISION_GEMM_ENGINE must be one of .*'blas'"):
         gemm.gemm_engine()
 
 
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+def test_native_gemm_matches_torch_and_names_bad_shapes():
+    """gemm_nt against x @ W^T, written and added onto out, for row counts that leave partial row blocks,
+    widths that leave partial panels and column groups, and K from 1 up; bad shapes are named."""
+    ext = native.extension()
+    for M, K, N in [(1, 1, 16), (7, 33, 48), (13, 192, 576), (50, 1200, 96), (301, 64, 1536)]:
+        x, w, seed = torch.randn(M, K), torch.randn(N, K), torch.randn(M, N)
+        out = torch.full((M, N), float("nan"))
+        ext.gemm_nt(x, ext.pack_gemm(w), out, False)
+        ref = x.double() @ w.double().t()
+        bound = (K + 1) * 2 ** -24 * (x.double().abs() @ w.double().abs().t())  # float32 summation's bound
+        assert ((out - ref).abs() <= bound).all(), (M, K, N)
+        before = seed.double()
+        ext.gemm_nt(x, ext.pack_gemm(w), seed, True)
+        assert ((seed - (before + ref)).abs() <= bound + before.abs() * 2 ** -23).all(), (M, K, N)
+    with pytest.raises(RuntimeError, match=r"multiple of \d+ rows, got \[10, 4\]"):
+        ext.pack_gemm(torch.zeros(10, 4))
+    with pytest.raises(RuntimeError, match=r"got \[3, 4\], \[4, 16\], \[3, 15\]"):
+        ext.gemm_nt(torch.zeros(3, 4), ext.pack_gemm(torch.zeros(16, 4)), torch.zeros(3, 15), False)
+
+
 def test_onednn_avx512_follows_the_isa_caps(monkeypatch):
-    from seqvision.ops import gemm
+    from seqvision.ops import cpu
 
     for cap, env, want in [("AVX512", None, True), ("AVX512", "AVX2", False), ("AVX512", "avx512_core_amx", True),
                            ("AVX2", None, False), ("AVX512", "ALL", True)]:
@@ -420,28 +445,24 @@ def test_onednn_avx512_follows_the_isa_caps(monkeypatch):
             monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
         else:
             monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", env)
-        assert gemm.onednn_avx512() is want, (cap, env)
+        assert cpu.onednn_avx512() is want, (cap, env)
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
-@pytest.mark.parametrize("engine", ["mkl", "onednn", "projection"])
+@pytest.mark.parametrize("engine", ["mkl", "onednn", "native"])
 @pytest.mark.parametrize("fresh_rows", [None, 7])
-def test_inference_gemms_on_either_engine_match_reference(monkeypatch, gemm_engine, engine, fresh_rows):
-    """Both GEMM engines, and the split of a CPU not Intel's without AVX-512 (the projection on oneDNN, the
-    rest on MKL), give the reference's logits, float and int8, with oneDNN's MLP in one piece and in chunks
-    of rows (fresh outputs capped at 7 rows of stage 1's hidden layer: its 24 rows in 4 chunks of 6, and the
-    wider GEMMs to MKL)."""
-    from seqvision.ops import gemm, inference
+def test_inference_gemms_on_every_engine_match_reference(monkeypatch, gemm_engine, engine, fresh_rows):
+    """Every GEMM engine gives the reference's logits, float and int8, with oneDNN's MLP in one piece and
+    in chunks of rows (fresh outputs capped at 7 rows of stage 1's hidden layer: its 24 rows in 4 chunks of 6,
+    and the wider GEMMs to MKL)."""
+    from seqvision.ops import inference
 
-    if engine == "projection":
-        monkeypatch.setattr(gemm, "cpu_vendor", lambda: "AuthenticAMD")
-        monkeypatch.setattr(gemm, "onednn_avx512", lambda: False)
-    gemm_engine("auto" if engine == "projection" else engine)
+    gemm_engine(engine)
     if fresh_rows:
         monkeypatch.setattr(inference, "FRESH_OUTPUT_BYTES", fresh_rows * 4 * 3 * 192)
     calls = []
     pack = inference.packed
-    monkeypatch.setattr(inference, "packed", lambda w: calls.append(tuple(w.shape)) or pack(w))
+    monkeypatch.setattr(inference, "packed", lambda w, *how: calls.append(tuple(w.shape)) or pack(w, *how))
     ref, fast = pair("sequencer2d_s", "native", layers=(1, 1, 1, 1))
     ref.eval(), fast.eval()
     x = torch.randn(1, 3, 28, 42)  # stage 1: 4x6 = 24 rows
@@ -453,8 +474,9 @@ def test_inference_gemms_on_either_engine_match_reference(monkeypatch, gemm_engi
         # oneDNN runs the projection, fc, fc1 and fc2 of each of the 4 blocks, fc1 and fc2 once per chunk
         if engine == "mkl":
             assert calls == []
-        elif engine == "projection":  # projection outputs (24 x 768, 6 x 1536) are over the 7-row cap
-            assert calls == ([(768, 192)] + [(1536, 384)] * 3 if fresh_rows is None else [])
+        elif engine == "native":  # every GEMM of the blocks, once each, in one piece
+            assert calls == [(768, 192), (192, 192), (576, 192), (192, 576)] + [
+                (1536, 384), (384, 384), (1152, 384), (384, 1152)] * 3
         else:
             assert len(calls) >= 16 and calls.count((576, 192)) == (1 if fresh_rows is None else 4)
         q = quantize_int8(fast)
@@ -462,13 +484,14 @@ def test_inference_gemms_on_either_engine_match_reference(monkeypatch, gemm_engi
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
-def test_weights_packed_for_onednn_follow_in_place_updates(gemm_engine):
-    """The packed copy of a weight is made again after the weight is written to (a new version), and after
-    a switch to training and back, which is what catches fused optimizer steps (no version bump); it goes
-    when the weight does."""
+@pytest.mark.parametrize("engine", ["onednn", "native"])
+def test_packed_weights_follow_in_place_updates(gemm_engine, engine):
+    """The packed copy of a weight (oneDNN's layout or the native GEMM's) is made again after the weight is
+    written to (a new version), and after a switch to training and back, which is what catches fused
+    optimizer steps (no version bump); it goes when the weight does."""
     from seqvision.ops import gemm
 
-    gemm_engine("onednn")
+    gemm_engine(engine)
     ref, fast = pair("sequencer2d_s", "native", layers=(1, 1, 1, 1))
     ref.eval(), fast.eval()
     x = torch.randn(2, 3, 28, 28)
@@ -484,17 +507,17 @@ def test_weights_packed_for_onednn_follow_in_place_updates(gemm_engine):
         assert (ref(x) - fast(x)).abs().max().item() <= 1e-5
     w = torch.randn(256, 128)
     gemm.packed(w)
-    key = id(w)
+    key = (id(w), gemm.onednn_layout)
     assert key in gemm._PACKED
     del w
     assert key not in gemm._PACKED
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
-@pytest.mark.parametrize("engine", ["mkl", "onednn"])
-def test_training_on_either_gemm_engine_matches_reference(gemm_engine, engine):
-    """The native backend's training GEMMs (projection, fc, the MLP's two Linears) on either library give
-    the reference's outputs and gradients, and gemm.Linear those of F.linear."""
+@pytest.mark.parametrize("engine", ["mkl", "onednn", "native"])
+def test_training_on_every_gemm_engine_matches_reference(gemm_engine, engine):
+    """The native backend's training GEMMs (projection, fc, the MLP's two Linears) on every engine (MKL's
+    where it is 'native') give the reference's outputs and gradients, and gemm.Linear those of F.linear."""
     from seqvision.ops import gemm
 
     gemm_engine(engine)

@@ -14,7 +14,7 @@ from torch import nn
 from . import create_model
 from .engine import make_optimizer
 from .flops import count_macs, count_params
-from .ops import gemm, int8, native
+from .ops import cpu, gemm, int8
 from .ops.int8 import Int8Linear
 from .quantize import quantize_int8
 
@@ -72,21 +72,18 @@ def keep_freed_memory() -> None:
 
 def machine() -> dict:
     """What a speed figure depends on: the CPU, the ISA the native kernel was built for, oneDNN's and fbgemm's
-    ISA caps, the library of the native paths' float GEMMs (and of the input projection where it differs),
-    the int8 engine with its activation width, and whether malloc keeps freed memory."""
+    ISA caps, the library of the native paths' float GEMMs (inference, training), the int8 engine with its
+    activation width, and whether malloc keeps freed memory."""
     name = platform.processor() or platform.machine()
     try:
         name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     engine, reduce_range = int8.pick_engine()
-    gemms = gemm.gemm_engine()
-    if gemm.gemm_engine(plain=True) != gemms:
-        gemms += f", projection {gemm.gemm_engine(plain=True)}"
-    return {"cpu": name, "cpu_isa": native.cpu_isa(), "kernel_isa": native.build_isa(),
+    return {"cpu": name, "cpu_isa": cpu.cpu_isa(), "kernel_isa": cpu.build_isa(),
             "onednn_isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", "none"),
             "fbgemm_isa_cap": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "none"),
-            "gemm": gemms,
+            "gemm": f"{gemm.gemm_engine()}, training {gemm.gemm_engine(training=True)}",
             "int8": f"{engine}, {7 if reduce_range else 8}-bit activations",
             "malloc": "keeps freed memory" if _KEPT else "default"}
 

@@ -1,40 +1,44 @@
 """The library that runs the float GEMMs of the native paths on this CPU: MKL (torch.mm, what nn.Linear and
-timm run) or oneDNN (torch.ops.mkldnn._linear_pointwise), the weights oneDNN reads packed once, and a
-Linear on that library for training."""
+timm run), oneDNN (torch.ops.mkldnn._linear_pointwise) or, at inference, the native extension's own GEMM;
+the weights packed once for oneDNN or that GEMM, and a Linear on the chosen library for training."""
 from __future__ import annotations
 
 import functools
 import os
 import threading
 import weakref
-from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-GEMM_ENGINES = ("mkl", "onednn")
+from .cpu import build_isa, cpu_vendor, onednn_avx512
+
+GEMM_ENGINES = ("mkl", "onednn", "native")
 
 
 @functools.cache
-def gemm_engine(plain: bool = False) -> str:
+def gemm_engine(training: bool = False) -> str:
     """The library that runs the float GEMMs of the native paths here: 'mkl' (torch.mm, what timm and
-    nn.Linear run) or 'onednn' (torch.ops.mkldnn._linear_pointwise; at inference with the bias and GELU or
-    the residual add in the GEMM's epilogue). SEQVISION_GEMM_ENGINE names one for every GEMM; otherwise
-    oneDNN on a CPU that is not Intel's and has AVX-512 for it, MKL elsewhere, except that a plain GEMM takes
-    oneDNN on any CPU not Intel's. A rule rather than a timing, so that a model gives the same floats in
-    every process on one machine.
+    nn.Linear run), 'onednn' (torch.ops.mkldnn._linear_pointwise; at inference with the bias and GELU or the
+    residual add in the GEMM's epilogue) or 'native' (the extension's gemm_nt; inference only, training
+    runs MKL's instead). SEQVISION_GEMM_ENGINE names one; otherwise, on a CPU that is not Intel's, the native
+    GEMM at inference where the extension is built for AVX2 or AVX-512, oneDNN in training where it may use
+    AVX-512, and MKL elsewhere. A rule rather than a timing, so that a model gives the same floats in every
+    process on one machine.
 
     Args:
-        plain: the GEMM writes its product and nothing else (BiLSTM2D's input projection at inference).
+        training: the library of the training GEMMs (gemm.Linear, LinearGELU) rather than of inference's.
 
     MKL picks its code by CPU vendor (on AMD's Zen 4 MKL_VERBOSE names no vector-extension path, and its rates
-    were in the range they had under MKL_ENABLE_INSTRUCTIONS=AVX2). On an AMD EPYC (Zen 4, AVX-512), 2 threads,
-    oneDNN ran Sequencer2D-S's GEMM shapes at 195-220 GFLOP/s against MKL's 146-197, whole-model inference 4-8%
-    faster at batch 16 and 15% at batch 1, and the main job's model's training step 9% faster (forward and input
-    gradients on oneDNN); capped at AVX2 there, oneDNN was level with MKL and slower with GELU in its epilogue
-    (125-155 against 141-177), but it ran the plain GEMM of the input projection 1.00-1.37x as fast (the
-    widest gain at batch 1: 256 x 384 -> 1536, 1.57 against 2.17 ms), whole-model inference at batch 1 3-5%
-    faster. On Intel Xeons MKL's GEMMs ran at the machine's rate."""
+    were in the range they had under MKL_ENABLE_INSTRUCTIONS=AVX2). On an AMD EPYC (Zen 4), 2 threads: oneDNN
+    ran Sequencer2D-S's GEMM shapes at 195-220 GFLOP/s against MKL's 146-197, and the main job's model's
+    training step 9% faster (forward and input gradients on oneDNN); capped at AVX2, oneDNN was level with
+    MKL. The native GEMM ran 11 shapes of the two models 1.11-1.51x as fast as MKL and 1.04-1.71x as fast as
+    oneDNN in an AVX2 build, and level with oneDNN's AVX-512 code when built for AVX-512 (0.91-1.09x); whole
+    models at inference, one process, alternating: Sequencer2D-S 1.11x (batch 16) and 1.15x (batch 1) MKL's
+    speed in the AVX2 build, 1.04x and 1.09x oneDNN's in the AVX-512 one, the main job's model 1.16x and
+    1.17x. On Intel Xeons MKL's GEMMs ran at the machine's rate; the native GEMM is not measured there."""
     name = os.environ.get("SEQVISION_GEMM_ENGINE", "auto").strip().lower()
     if name not in GEMM_ENGINES + ("auto",):
         raise ValueError(f"SEQVISION_GEMM_ENGINE must be one of {GEMM_ENGINES + ('auto',)}, got {name!r}")
@@ -42,33 +46,24 @@ def gemm_engine(plain: bool = False) -> str:
     if name == "onednn" and not onednn:
         raise RuntimeError("SEQVISION_GEMM_ENGINE=onednn, but this torch build has no oneDNN linear")
     if name != "auto":
-        return name
-    return "onednn" if onednn and cpu_vendor() not in ("GenuineIntel", "") and (plain or onednn_avx512()) else "mkl"
+        return "mkl" if training and name == "native" else name
+    if cpu_vendor() in ("GenuineIntel", ""):
+        return "mkl"
+    if training:
+        return "onednn" if onednn and onednn_avx512() else "mkl"
+    return "native" if build_isa() in ("avx2", "avx512") else "mkl"
 
 
-def cpu_vendor(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """The x86 vendor string of CPU 0 ('GenuineIntel', 'AuthenticAMD'); '' where Linux does not list one."""
-    try:
-        for line in Path(cpuinfo).read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def onednn_avx512() -> bool:
-    """Whether oneDNN may run AVX-512 code here: the CPU (as ATen sees it, ATEN_CPU_CAPABILITY included)
-    has it, and ONEDNN_MAX_CPU_ISA, if set, does not cap oneDNN below it."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).strip().upper()
-    return torch.backends.cpu.get_cpu_capability().lower() == "avx512" and cap.startswith(("ALL", "AVX512", "AVX10"))
-
-
-# id(weight) -> (a weak reference to it, its _version, the generation, the weight in oneDNN's layout); a
-# weight's entry goes when the weight does. Keyed by id because tensors compare by value.
-_PACKED: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}
+# (id(weight), pack) -> (a weak reference to the weight, its _version, the generation, pack(weight)); a
+# weight's entries go when the weight does. Keyed by id because tensors compare by value.
+_PACKED: dict[tuple[int, Callable], tuple[weakref.ref, int, int, torch.Tensor]] = {}
 _PACKED_LOCK = threading.Lock()
 _GENERATION = [0]
+
+
+def onednn_layout(weight: torch.Tensor) -> torch.Tensor:
+    """weight (out, in) in oneDNN's blocked layout for its linear."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
 
 
 def repack() -> None:
@@ -78,37 +73,38 @@ def repack() -> None:
     _GENERATION[0] += 1
 
 
-def packed(weight: torch.Tensor) -> torch.Tensor:
-    """weight (out, in) in oneDNN's blocked layout, made once and kept while the weight lives, is not
-    written to (a new _version) and repack() is not called. Saves oneDNN a reorder of the weights in every
-    call: 2-5% of a GEMM's time on Sequencer2D-S's shapes (AMD EPYC, Zen 4), for a second copy of them."""
+def packed(weight: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor] = onednn_layout) -> torch.Tensor:
+    """pack(weight), by default weight (out, in) in oneDNN's blocked layout, made once and kept while the
+    weight lives, is not written to (a new _version) and repack() is not called. Saves oneDNN a reorder of the
+    weights in every call: 2-5% of a GEMM's time on Sequencer2D-S's shapes (AMD EPYC, Zen 4), for a second
+    copy of them; the native GEMM reads only its own layout."""
     # inference tensors (a stacked weight made under torch.inference_mode) keep no version
-    key, now = id(weight), (-1 if weight.is_inference() else weight._version, _GENERATION[0])
+    key, now = (id(weight), pack), (-1 if weight.is_inference() else weight._version, _GENERATION[0])
     with _PACKED_LOCK:
         hit = _PACKED.get(key)
         if hit is None or hit[0]() is not weight:
             weakref.finalize(weight, _PACKED.pop, key, None)
         elif hit[1:3] == now:
             return hit[3]
-        _PACKED[key] = (weakref.ref(weight), *now, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+        _PACKED[key] = (weakref.ref(weight), *now, pack(weight.detach()))
         return _PACKED[key][3]
 
 
-def mm_t(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, plain: bool = False) -> torch.Tensor:
-    """a (M, K) @ w (N, K)^T + bias into a fresh tensor, on gemm_engine(plain)'s library; float32 CPU
+def mm_t(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ w (N, K)^T + bias into a fresh tensor, on gemm_engine(training=True)'s library; float32 CPU
     tensors."""
-    if gemm_engine(plain) == "onednn":
+    if gemm_engine(training=True) == "onednn":
         return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
     return torch.mm(a, w.t()) if bias is None else torch.addmm(bias, a, w.t())
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (M, N) @ b (N, K) into a fresh tensor, on gemm_engine()'s library; float32 CPU tensors."""
+    """a (M, N) @ b (N, K) into a fresh tensor, on gemm_engine(training=True)'s library; float32 CPU tensors."""
     return mm_t(a, b.t())  # oneDNN reads the transposed view in place, no copy
 
 
 class Linear(torch.autograd.Function):
-    """F.linear with its forward and input gradient on gemm_engine()'s library (mm_t, mm); the weight
+    """F.linear with its forward and input gradient on gemm_engine(training=True)'s library (mm_t, mm); the weight
     gradient, (M, N)^T @ (M, K), stays torch.mm, which reads both operands transposed without a copy
     (oneDNN took 1.6x MKL's time over 8 such shapes of the two models, AMD EPYC, Zen 4)."""
 
@@ -130,9 +126,9 @@ class Linear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through Linear where gemm_engine() is oneDNN and the tensors are float32
-    on the CPU outside autocast; F.linear itself elsewhere."""
-    if (gemm_engine() == "onednn" and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu")):
+    """F.linear(x, weight, bias), through Linear where gemm_engine(training=True) is oneDNN and the tensors
+    are float32 on the CPU outside autocast; F.linear itself elsewhere."""
+    if (gemm_engine(training=True) == "onednn" and x.dtype == weight.dtype == torch.float32
+            and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")):
         return Linear.apply(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -96,24 +96,45 @@ def equal_chunks(n: int, most: int) -> int:
     return math.ceil(n / math.ceil(n / max(1, most)))
 
 
-def _onednn(weight: torch.Tensor, plain: bool = False) -> bool:
-    """Whether x @ weight^T goes to oneDNN: gemm_engine(plain) says so and both of weight's sides are at
-    least ONEDNN_MIN_FEATURES."""
-    return gemm_engine(plain) == "onednn" and min(weight.shape) >= ONEDNN_MIN_FEATURES
+def _onednn(weight: torch.Tensor) -> bool:
+    """Whether x @ weight^T goes to oneDNN: gemm_engine() says so and both of weight's sides are at least
+    ONEDNN_MIN_FEATURES."""
+    return gemm_engine() == "onednn" and min(weight.shape) >= ONEDNN_MIN_FEATURES
 
 
-def _fresh(x: torch.Tensor, weight: torch.Tensor, plain: bool = False) -> bool:
+def _fresh(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x @ weight^T goes to oneDNN, which writes a fresh output: _onednn and the output is at most
     FRESH_OUTPUT_BYTES."""
-    return _onednn(weight, plain) and x.shape[0] * weight.shape[0] * 4 <= FRESH_OUTPUT_BYTES
+    return _onednn(weight) and x.shape[0] * weight.shape[0] * 4 <= FRESH_OUTPUT_BYTES
+
+
+# The native GEMM writes whole vectors of its build (16 floats at most), so it takes weights with a multiple
+# of that many outputs (every layer of the Sequencer blocks here); others go to MKL.
+NATIVE_GEMM_MULTIPLE = 16
+
+
+def _native(weight: torch.Tensor) -> bool:
+    """Whether x @ weight^T runs on the extension's gemm_nt: gemm_engine() says so and weight's out
+    features are a multiple of NATIVE_GEMM_MULTIPLE."""
+    return gemm_engine() == "native" and weight.shape[0] % NATIVE_GEMM_MULTIPLE == 0
+
+
+def _mm_onto(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, add: bool = False) -> torch.Tensor:
+    """out = x @ weight^T, or out += it with `add`, for 2-D x and contiguous out: the native GEMM on its
+    packed weights where _native, MKL otherwise."""
+    if _native(weight):
+        ext = native.extension()
+        ext.gemm_nt(x.contiguous(), packed(weight, ext.pack_gemm), out, add)
+        return out
+    return out.addmm_(x, weight.t()) if add else torch.mm(x, weight.t(), out=out)
 
 
 def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T for 2-D contiguous x, no bias: on oneDNN into a fresh tensor, otherwise into the WIDE
-    buffer (so the caller must be done with it). A plain GEMM: see gemm_engine."""
-    if _fresh(x, weight, plain=True):
-        return mm_t(x, packed(weight), plain=True)
-    return torch.mm(x, weight.t(), out=scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], -1))
+    buffer (so the caller must be done with it)."""
+    if _fresh(x, weight):
+        return mm_t(x, packed(weight))
+    return _mm_onto(scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], -1), x, weight)
 
 
 def norm_and_seed(x: torch.Tensor, norm: nn.LayerNorm, fc: nn.Module | None, seed: torch.Tensor) -> torch.Tensor:
@@ -135,7 +156,7 @@ def accumulate(seed: torch.Tensor, x: torch.Tensor, fc: nn.Module | None) -> tor
     if wb is not None:
         if _fresh(x, wb[0]):
             return torch.ops.mkldnn._linear_pointwise(x, seed, packed(wb[0]), None, "add")
-        return seed.addmm_(x, wb[0].t())
+        return _mm_onto(seed, x, wb[0], add=True)
     return seed.add_(x if fc is None else fc(x))
 
 
@@ -155,8 +176,7 @@ def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
     weight, bias = wb
     if _fresh(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, packed(weight), bias, "gelu", [], "none")
-    hidden = scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], weight.shape[0])
-    torch.mm(x, weight.t(), out=hidden)
+    hidden = _mm_onto(scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], weight.shape[0]), x, weight)
     if bias is None:
         return torch.ops.aten.gelu_(hidden)
     native.extension().bias_gelu(hidden, bias, hidden)

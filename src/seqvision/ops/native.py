@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import platform
 import sys
 import warnings
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import gemm
+from .cpu import build_isa
 
 # torch's extension builder warns "no CUDA runtime" on import on CPU-only hosts; the kernel is CPU code.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -36,7 +36,6 @@ ISA_FLAGS = {
     "avx2": ["-march=x86-64-v3"],
     "baseline": [],
 }
-_RANK = {"baseline": 0, "avx2": 1, "avx512": 2}
 # No -ffast-math: it lets the compiler assume no NaN, and a NaN input must give NaN logits.
 # -fno-trapping-math only drops the promise that FP exceptions trap where the source says: without it GCC
 # will not turn the clamps of tanh/sigmoid into selects except with AVX-512 masks, so the AVX2 and SSE
@@ -44,28 +43,6 @@ _RANK = {"baseline": 0, "avx2": 1, "avx512": 2}
 # -fopenmp is needed for at::parallel_for (an inline OpenMP region in torch's headers); the binary is
 # linked to the OpenMP runtime torch itself loads, so it runs on torch's thread pool (see _omp_ldflags).
 COMMON_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
-
-
-def cpu_isa() -> str:
-    """The widest ISA this CPU (and ATEN_CPU_CAPABILITY, if set) allows: avx512, avx2 or baseline."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return "baseline"
-    cap = torch.backends.cpu.get_cpu_capability().lower()  # "avx512", "avx2", "default"
-    return cap if cap in _RANK else "baseline"
-
-
-def build_isa() -> str:
-    """The ISA the extension is built for: SEQVISION_ISA where it is no wider than the CPU's, else the CPU's."""
-    best = cpu_isa()
-    want = os.environ.get("SEQVISION_ISA", "").strip().lower()
-    if not want:
-        return best
-    if want not in _RANK:
-        raise ValueError(f"SEQVISION_ISA must be one of {sorted(_RANK)}, got {want!r}")
-    if _RANK[want] > _RANK[best]:
-        warnings.warn(f"seqvision: SEQVISION_ISA={want} is wider than this CPU allows ({best}); building for {best}")
-        return best
-    return want
 
 
 def _omp_ldflags() -> list[str]:
