@@ -556,8 +556,10 @@ void layer_norm_seed(torch::Tensor x, c10::optional<torch::Tensor> weight, c10::
 // where): out (M, N) (+)= x (M, K) @ W^T with the tile kernel's register blocking in a shape of its own, GR rows
 // by GV vectors, and W packed once in panels of GV vectors (pack_gemm). Each thread takes whole blocks of rows
 // and runs them over groups of panels that fit GEMM_PANEL_BYTES, so a group stays in L2 while its rows stream
-// past. AVX2 6 x 2 ymm (12 accumulators, 2 weight loads and 6 broadcasts per 12 FMAs) ran 1.03-1.13x the 4 x 3
-// of the recurrence over 11 of the two models' shapes on an AMD EPYC (Zen 4, AVX2 build), and 1.11-1.51x MKL.
+// past. AVX2 6 x 2 ymm (12 accumulators, 2 weight loads and 6 broadcasts per 12 FMAs) reached 3-28% more GFLOP/s
+// than the recurrence's 4 x 3 over 11 of the two models' shapes on an AMD EPYC (Zen 4, AVX2 build; separate
+// runs), and 1.11-1.51x MKL's speed. Bias + GELU in this loop, on each block of rows while it is in cache,
+// ran the whole model 0.985-0.997x as fast as the separate bias_gelu pass, so there is no epilogue here.
 #if defined(__AVX512F__) || defined(SEQVISION_AVX512_TILES)
 constexpr int64_t GR = 6;
 constexpr int GV = 4;
