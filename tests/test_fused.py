@@ -399,7 +399,8 @@ def test_gemm_engine_follows_the_rule_and_the_variable(monkeypatch, gemm_engine,
                                       ("AuthenticAMD", False, "avx2", ("native", "mkl")),
                                       ("AuthenticAMD", False, "baseline", ("mkl", "mkl")),
                                       ("GenuineIntel", True, "avx512", ("mkl", "mkl")),
-                                      ("GenuineIntel", False, "avx2", ("mkl", "mkl")), ("", False, "avx2", ("mkl", "mkl"))]:
+                                      ("GenuineIntel", False, "avx2", ("mkl", "mkl")),
+                                      ("", False, "avx2", ("mkl", "mkl"))]:
         monkeypatch.setattr(gemm, "cpu_vendor", lambda: vendor)
         monkeypatch.setattr(gemm, "onednn_avx512", lambda: avx512)
         monkeypatch.setattr(gemm, "build_isa", lambda: isa)

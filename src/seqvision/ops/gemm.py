@@ -104,8 +104,8 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(torch.autograd.Function):
-    """F.linear with its forward and input gradient on gemm_engine(training=True)'s library (mm_t, mm); the weight
-    gradient, (M, N)^T @ (M, K), stays torch.mm, which reads both operands transposed without a copy
+    """F.linear with its forward and input gradient on gemm_engine(training=True)'s library (mm_t, mm); the
+    weight gradient, (M, N)^T @ (M, K), stays torch.mm, which reads both operands transposed without a copy
     (oneDNN took 1.6x MKL's time over 8 such shapes of the two models, AMD EPYC, Zen 4)."""
 
     @staticmethod

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import native
-from .gemm import gemm_engine, mm_t, packed
+from .gemm import gemm_engine, packed
 from .int8 import Int8Linear
 
 # The buffers Block.forward_inference cycles through; one of each per thread, so concurrent callers never
@@ -133,7 +133,7 @@ def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T for 2-D contiguous x, no bias: on oneDNN into a fresh tensor, otherwise into the WIDE
     buffer (so the caller must be done with it)."""
     if _fresh(x, weight):
-        return mm_t(x, packed(weight))
+        return torch.ops.mkldnn._linear_pointwise(x, packed(weight), None, "none", [], "")
     return _mm_onto(scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], -1), x, weight)
 
 
