@@ -129,12 +129,11 @@ inline void block(const float* in, int64_t ldi, int64_t k, const float* w, int64
     for (int v = 0; v < V; ++v) *(vec*)(out + r * ldo + VL * v) = acc[r][v];
 }
 
-// out (R, n) (+)= in (R, k) @ w (k, n) over columns [j0, j1), in (row stride ldi) and out (row stride ldo)
-// row-major; w packed by pack_panels in panels of V vectors (n a multiple of PAD).
+// out (R, n) (+)= in (R, k) @ w (k, n), in (row stride ldi) and out (row stride ldo) row-major; w packed by
+// pack_panels in panels of V vectors (n a multiple of PAD).
 template <int64_t R, int V, bool ACC = false>
-void panels_matmul(const float* in, int64_t ldi, int64_t k, const float* w, int64_t n, float* out, int64_t ldo,
-                   int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; j += V * VL) {
+void panels_matmul(const float* in, int64_t ldi, int64_t k, const float* w, int64_t n, float* out, int64_t ldo) {
+  for (int64_t j = 0; j < n; j += V * VL) {
     const int64_t width = std::min<int64_t>(V * VL, n - j);
     const float* wj = w + j * k;
     if (width == V * VL) block<R, V, ACC>(in, ldi, k, wj, width, out + j, ldo);
@@ -147,7 +146,7 @@ void panels_matmul(const float* in, int64_t ldi, int64_t k, const float* w, int6
 // out (RT, n) = in (RT, k) @ w (k, n) for a tile, in and out row-major; w packed by pack_panels (n a multiple
 // of PAD).
 inline void tile_matmul(const float* in, int64_t k, const float* w, int64_t n, float* out) {
-  panels_matmul<RT, VB>(in, k, k, w, n, out, n, 0, n);
+  panels_matmul<RT, VB>(in, k, k, w, n, out, n);
 }
 
 inline int64_t pad_vl(int64_t n) { return (n + PAD - 1) / PAD * PAD; }
@@ -554,12 +553,14 @@ void layer_norm_seed(torch::Tensor x, c10::optional<torch::Tensor> weight, c10::
 
 // The GEMMs of the native inference path where they beat the BLAS torch ships (seqvision/ops/gemm.py says
 // where): out (M, N) (+)= x (M, K) @ W^T with the tile kernel's register blocking in a shape of its own, GR rows
-// by GV vectors, and W packed once in panels of GV vectors (pack_gemm). Each thread takes whole blocks of rows
-// and runs them over groups of panels that fit GEMM_PANEL_BYTES, so a group stays in L2 while its rows stream
-// past. AVX2 6 x 2 ymm (12 accumulators, 2 weight loads and 6 broadcasts per 12 FMAs) reached 3-28% more GFLOP/s
-// than the recurrence's 4 x 3 over 11 of the two models' shapes on an AMD EPYC (Zen 4, AVX2 build; separate
-// runs), and 1.11-1.51x MKL's speed. Bias + GELU in this loop, on each block of rows while it is in cache,
-// ran the whole model 0.985-0.997x as fast as the separate bias_gelu pass, so there is no epilogue here.
+// by GV vectors, and W packed once in panels of GV vectors (pack_gemm). Each thread takes whole blocks of rows,
+// and each block, in L1, meets every panel in turn. Grouping the panels so that a group stays in L2 while all
+// the thread's rows pass (384 KB groups, as first written) was 0-9% slower over 7 shapes on the Zen 4 below,
+// in both builds. AVX2 6 x 2 ymm (12 accumulators, 2 weight loads and 6 broadcasts per 12 FMAs) reached 3-28%
+// more GFLOP/s than the recurrence's 4 x 3 over 11 of the two models' shapes on an AMD EPYC (Zen 4, AVX2 build;
+// separate runs), and 1.11-1.51x MKL's speed; AVX-512 6 x 4 zmm was level with 8 x 3 and 12 x 2. Bias + GELU
+// in this loop, on each block of rows while it is in cache, ran the whole model 0.985-0.997x as fast as the
+// separate bias_gelu pass, so there is no epilogue here.
 #if defined(__AVX512F__) || defined(SEQVISION_AVX512_TILES)
 constexpr int64_t GR = 6;
 constexpr int GV = 4;
@@ -567,7 +568,6 @@ constexpr int GV = 4;
 constexpr int64_t GR = 6;
 constexpr int GV = 2;
 #endif
-constexpr int64_t GEMM_PANEL_BYTES = 384 << 10;
 
 // W (N, K) -> (K, N) in panels of GV vectors: what gemm_nt reads. N must be a multiple of PAD.
 torch::Tensor pack_gemm(torch::Tensor w) {
@@ -583,32 +583,25 @@ void gemm_nt(torch::Tensor x, torch::Tensor w, torch::Tensor out, bool accumulat
               "x (M, K), pack_gemm(W) (K, N) and out (M, N) must be contiguous float32 CPU tensors, got ", x.sizes(),
               ", ", w.sizes(), ", ", out.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = out.size(1), blocks = (M + GR - 1) / GR;
-  constexpr int64_t P = GV * VL;
-  const int64_t cols = std::max(P, GEMM_PANEL_BYTES / (4 * std::max<int64_t>(K, 1)) / P * P);
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xt, ot;  // the last rows, padded to GR
-    for (int64_t j0 = 0; j0 < N; j0 += cols) {
-      const int64_t j1 = std::min(N, j0 + cols);
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t r0 = b * GR, rows = std::min(GR, M - r0);
-        const float* xr = xp + r0 * K;
-        float* orow = op + r0 * N;
-        if (rows < GR) {
-          xt.assign(GR * K, 0.f);
-          ot.assign(GR * N, 0.f);
-          std::copy(xr, xr + rows * K, xt.begin());
-          if (accumulate) std::copy(orow, orow + rows * N, ot.begin());
-          xr = xt.data();
-          orow = ot.data();
-        }
-        if (accumulate) panels_matmul<GR, GV, true>(xr, K, K, wp, N, orow, N, j0, j1);
-        else panels_matmul<GR, GV>(xr, K, K, wp, N, orow, N, j0, j1);
-        if (rows < GR)
-          for (int64_t r = 0; r < rows; ++r)
-            std::copy(ot.begin() + r * N + j0, ot.begin() + r * N + j1, op + (r0 + r) * N + j0);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t r0 = b * GR, rows = std::min(GR, M - r0);
+      const float* xr = xp + r0 * K;
+      float* orow = op + r0 * N;
+      if (rows < GR) {
+        xt.assign(GR * K, 0.f);
+        ot.assign(GR * N, 0.f);
+        std::copy(xr, xr + rows * K, xt.begin());
+        if (accumulate) std::copy(orow, orow + rows * N, ot.begin());
+        xr = xt.data();
+        orow = ot.data();
       }
+      if (accumulate) panels_matmul<GR, GV, true>(xr, K, K, wp, N, orow, N);
+      else panels_matmul<GR, GV>(xr, K, K, wp, N, orow, N);
+      if (rows < GR) std::copy(ot.begin(), ot.begin() + rows * N, op + r0 * N);
     }
   });
 }
