@@ -15,6 +15,7 @@ from . import create_model
 from .engine import make_optimizer
 from .flops import count_macs, count_params
 from .ops import cpu, gemm, int8
+from .ops.inference import mm_onto
 from .ops.int8 import Int8Linear
 from .quantize import quantize_int8
 
@@ -227,9 +228,10 @@ def gemm_shapes(model: nn.Module, x: torch.Tensor) -> dict[tuple[int, int, int],
 
 def int8_layer_rows(cfg: BenchConfig) -> list[dict]:
     """int8 against fp32 per GEMM shape of `cfg.model`'s inference at cfg.batch_size: the fp32 GEMM into a
-    reused buffer (as the native inference path runs it) against Int8Linear's int8 GEMM, alternating rounds,
-    and what quantize_int8 makes of that layer on this CPU (`runs_as`: int8, or float for a layer too small
-    for this engine). The evidence for seqvision.ops.int8.runs_int8's limits, per CPU."""
+    reused buffer as the native inference path runs it (the native GEMM or MKL: gemm_engine()) against
+    Int8Linear's int8 GEMM, alternating rounds, and what quantize_int8 makes of that layer on this CPU
+    (`runs_as`: int8, or float for a layer too small for this engine). The evidence for
+    seqvision.ops.int8.runs_int8's limits, per CPU."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = create_model(cfg.model, **({"backend": "reference"} if cfg.model.startswith("sequencer") else {}))
@@ -241,7 +243,7 @@ def int8_layer_rows(cfg: BenchConfig) -> list[dict]:
         q = Int8Linear(w, None)
         runs_as = "int8" if q.int8_gemm else "float"
         q.int8_gemm = True  # time the int8 GEMM whatever this CPU's rule picks
-        fns = {"fp32": lambda: torch.mm(x, w.t(), out=out), "int8": lambda: q(x)}
+        fns = {"fp32": lambda: mm_onto(out, x, w), "int8": lambda: q(x)}
         for fn in fns.values():
             for _ in range(cfg.warmup):
                 fn()

@@ -119,7 +119,7 @@ def _native(weight: torch.Tensor) -> bool:
     return gemm_engine() == "native" and weight.shape[0] % NATIVE_GEMM_MULTIPLE == 0
 
 
-def _mm_onto(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, add: bool = False) -> torch.Tensor:
+def mm_onto(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, add: bool = False) -> torch.Tensor:
     """out = x @ weight^T, or out += it with `add`, for 2-D x and contiguous out: the native GEMM on its
     packed weights where _native, MKL otherwise."""
     if _native(weight):
@@ -134,7 +134,7 @@ def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     buffer (so the caller must be done with it)."""
     if _fresh(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, packed(weight), None, "none", [], "")
-    return _mm_onto(scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], -1), x, weight)
+    return mm_onto(scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], -1), x, weight)
 
 
 def norm_and_seed(x: torch.Tensor, norm: nn.LayerNorm, fc: nn.Module | None, seed: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ def accumulate(seed: torch.Tensor, x: torch.Tensor, fc: nn.Module | None) -> tor
     if wb is not None:
         if _fresh(x, wb[0]):
             return torch.ops.mkldnn._linear_pointwise(x, seed, packed(wb[0]), None, "add")
-        return _mm_onto(seed, x, wb[0], add=True)
+        return mm_onto(seed, x, wb[0], add=True)
     return seed.add_(x if fc is None else fc(x))
 
 
@@ -176,7 +176,7 @@ def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
     weight, bias = wb
     if _fresh(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, packed(weight), bias, "gelu", [], "none")
-    hidden = _mm_onto(scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], weight.shape[0]), x, weight)
+    hidden = mm_onto(scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], weight.shape[0]), x, weight)
     if bias is None:
         return torch.ops.aten.gelu_(hidden)
     native.extension().bias_gelu(hidden, bias, hidden)
