@@ -177,9 +177,7 @@ def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
     if _fresh(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, packed(weight), bias, "gelu", [], "none")
     hidden = mm_onto(scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], weight.shape[0]), x, weight)
-    if bias is None:
-        return torch.ops.aten.gelu_(hidden)
-    native.extension().bias_gelu(hidden, bias, hidden)
+    native.extension().bias_gelu(hidden, bias, hidden)  # bias may be None: GELU alone
     return hidden
 
 

@@ -110,10 +110,10 @@ inline bool cpu_float(const torch::Tensor& t) {
 // Columns per panel of packed weights: one row block of the kernel below.
 constexpr int64_t PW = VB * VL;
 
-// out[r, 0:VL*V] (+)= in[r, 0:k] @ w[0:k, 0:VL*V] for R rows (in's row stride ldi); w row-major with row
+// out[r, 0:VL*V] (+)= in[r, 0:k] @ w[0:k, 0:VL*V] for R rows of in (row-major, k wide); w row-major with row
 // stride ldw. ACC adds onto out.
 template <int64_t R, int V, bool ACC = false>
-inline void block(const float* in, int64_t ldi, int64_t k, const float* w, int64_t ldw, float* out, int64_t ldo) {
+inline void block(const float* in, int64_t k, const float* w, int64_t ldw, float* out, int64_t ldo) {
   vec acc[R][V];
   for (int64_t r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = ACC ? *(const vec*)(out + r * ldo + VL * v) : vec{};
@@ -121,7 +121,7 @@ inline void block(const float* in, int64_t ldi, int64_t k, const float* w, int64
     vec wv[V];
     for (int v = 0; v < V; ++v) wv[v] = *(const vec*)(w + d * ldw + VL * v);
     for (int64_t r = 0; r < R; ++r) {
-      const float x = in[r * ldi + d];
+      const float x = in[r * k + d];
       for (int v = 0; v < V; ++v) acc[r][v] += x * wv[v];
     }
   }
@@ -129,24 +129,24 @@ inline void block(const float* in, int64_t ldi, int64_t k, const float* w, int64
     for (int v = 0; v < V; ++v) *(vec*)(out + r * ldo + VL * v) = acc[r][v];
 }
 
-// out (R, n) (+)= in (R, k) @ w (k, n), in (row stride ldi) and out (row stride ldo) row-major; w packed by
-// pack_panels in panels of V vectors (n a multiple of PAD).
+// out (R, n) (+)= in (R, k) @ w (k, n), in and out row-major (out's row stride ldo); w packed by pack_panels
+// in panels of V vectors (n a multiple of PAD).
 template <int64_t R, int V, bool ACC = false>
-void panels_matmul(const float* in, int64_t ldi, int64_t k, const float* w, int64_t n, float* out, int64_t ldo) {
+void panels_matmul(const float* in, int64_t k, const float* w, int64_t n, float* out, int64_t ldo) {
   for (int64_t j = 0; j < n; j += V * VL) {
     const int64_t width = std::min<int64_t>(V * VL, n - j);
     const float* wj = w + j * k;
-    if (width == V * VL) block<R, V, ACC>(in, ldi, k, wj, width, out + j, ldo);
-    else if (V > 3 && width == 3 * VL) block<R, 3, ACC>(in, ldi, k, wj, width, out + j, ldo);
-    else if (V > 2 && width == 2 * VL) block<R, 2, ACC>(in, ldi, k, wj, width, out + j, ldo);
-    else block<R, 1, ACC>(in, ldi, k, wj, width, out + j, ldo);
+    if (width == V * VL) block<R, V, ACC>(in, k, wj, width, out + j, ldo);
+    else if (V > 3 && width == 3 * VL) block<R, 3, ACC>(in, k, wj, width, out + j, ldo);
+    else if (V > 2 && width == 2 * VL) block<R, 2, ACC>(in, k, wj, width, out + j, ldo);
+    else block<R, 1, ACC>(in, k, wj, width, out + j, ldo);
   }
 }
 
 // out (RT, n) = in (RT, k) @ w (k, n) for a tile, in and out row-major; w packed by pack_panels (n a multiple
 // of PAD).
 inline void tile_matmul(const float* in, int64_t k, const float* w, int64_t n, float* out) {
-  panels_matmul<RT, VB>(in, k, k, w, n, out, n);
+  panels_matmul<RT, VB>(in, k, w, n, out, n);
 }
 
 inline int64_t pad_vl(int64_t n) { return (n + PAD - 1) / PAD * PAD; }
@@ -561,11 +561,10 @@ void layer_norm_seed(torch::Tensor x, c10::optional<torch::Tensor> weight, c10::
 // separate runs), and 1.11-1.51x MKL's speed; AVX-512 6 x 4 zmm was level with 8 x 3 and 12 x 2. Bias + GELU
 // in this loop, on each block of rows while it is in cache, ran the whole model 0.985-0.997x as fast as the
 // separate bias_gelu pass, so there is no epilogue here.
-#if defined(__AVX512F__) || defined(SEQVISION_AVX512_TILES)
 constexpr int64_t GR = 6;
+#if defined(__AVX512F__) || defined(SEQVISION_AVX512_TILES)
 constexpr int GV = 4;
 #else
-constexpr int64_t GR = 6;
 constexpr int GV = 2;
 #endif
 
@@ -599,8 +598,8 @@ void gemm_nt(torch::Tensor x, torch::Tensor w, torch::Tensor out, bool accumulat
         xr = xt.data();
         orow = ot.data();
       }
-      if (accumulate) panels_matmul<GR, GV, true>(xr, K, K, wp, N, orow, N);
-      else panels_matmul<GR, GV>(xr, K, K, wp, N, orow, N);
+      if (accumulate) panels_matmul<GR, GV, true>(xr, K, wp, N, orow, N);
+      else panels_matmul<GR, GV>(xr, K, wp, N, orow, N);
       if (rows < GR) std::copy(ot.begin(), ot.begin() + rows * N, op + r0 * N);
     }
   });
