@@ -52,6 +52,50 @@ def test_int8_linear_is_close_on_every_engine(engine):
             assert rel_err(q(x), lin(x)) < 0.02, (engine, q.reduce_range)
 
 
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_quantize_u8_chooses_and_rounds_as_torch_does(reduce_range):
+    """The native activation quantiser picks torch's dynamic (scale, zero point) and the same codes, for
+    ranges that straddle zero, lie on one side of it, or are all zero; a NaN anywhere gives a NaN scale."""
+    import warnings
+
+    ext = native.extension()
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(1000, 96, generator=g) * 3, torch.rand(3, 5, generator=g) + 1,
+              -torch.rand(40000, generator=g), torch.zeros(4, 4)):
+        codes = torch.empty(x.shape, dtype=torch.uint8)
+        scale, zero_point = ext.quantize_u8(x, reduce_range, codes)
+        assert (scale, zero_point) == torch._choose_qparams_per_tensor(x, reduce_range)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantised-tensor constructors warn of their deprecation
+            want = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
+        assert torch.equal(codes, want) and codes.max() <= (127 if reduce_range else 255)
+    x = torch.randn(8, 8)
+    x[3, 4] = float("nan")
+    assert torch.isnan(torch.tensor(ext.quantize_u8(x, reduce_range, torch.empty(8, 8, dtype=torch.uint8))[0]))
+    with pytest.raises(RuntimeError, match="uint8 tensor of its shape"):
+        ext.quantize_u8(x, reduce_range, torch.empty(8, 7, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("engine", [e for e in ("onednn", "x86", "fbgemm")
+                                    if e in torch.backends.quantized.supported_engines])
+def test_int8_onto_writes_what_the_module_returns(engine):
+    """Int8Linear.onto, the native inference block's call: out = q(x), or out += q(x), in out itself (on
+    oneDNN the GEMM writes there, the add in its epilogue); a NaN input makes every output NaN."""
+    lin = torch.nn.Linear(96, 192)
+    q = Int8Linear(lin.weight, lin.bias, engine)
+    for x in int8_inputs():
+        want = q(x)
+        out = torch.full((64, 192), float("nan"))
+        assert q.onto(out, x) is out and torch.allclose(out, want, rtol=1e-5, atol=1e-5)
+        seed = torch.randn(64, 192)
+        assert torch.allclose(q.onto(seed.clone(), x, add=True), seed + want, rtol=1e-5, atol=1e-5)
+    if engine == "onednn" and HAVE_NATIVE:
+        x = int8_inputs()[0]
+        x[5, 7] = float("nan")
+        assert torch.isnan(q.onto(torch.zeros(64, 192), x)).all()
+
+
 INT8_WITHOUT_VNNI = """
 import torch, seqvision
 from seqvision.ops import int8

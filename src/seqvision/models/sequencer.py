@@ -20,8 +20,9 @@ from torch import nn
 from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_path_rates, init_weights, named_apply,
                       prune_after, resample_grid, run_blocks, take_indices, to_fmt)
 from ..ops import gemm, native, recurrence
-from ..ops.inference import (MIXED, accumulate, cpu_float_eval, dense, equal_chunks, gate_chunk_bytes, mlp_onto,
-                             norm_and_seed, project, scratch)
+from ..ops.buffers import MIXED, scratch
+from ..ops.inference import (accumulate, cpu_float_eval, dense, equal_chunks, gate_chunk_bytes, mlp_onto, norm_and_seed,
+                             project)
 from ..ops.int8 import Int8Linear
 from ..registry import register_family
 
@@ -232,7 +233,7 @@ class RNN2d(nn.Module):
         for b in range(0, B, step):
             part = x[b: b + step].reshape(-1, C)  # (b, H, W, C) -> (b*H*W, C)
             # (b*H*W, C) @ (C, K*G): one GEMM for every direction
-            xg = self.proj_int8(part) if proj is None else project(part, proj[0])
+            xg = self.proj_int8.onto(scratch(part.shape[0] * self.proj_int8.out_features).view(part.shape[0], -1), part) if proj is None else project(part, proj[0])
             xg = xg.view(-1, H, W, K, G)  # (b*H*W, K*G) -> (b, H, W, K, G)
             native.lstm2d(xg, bias, w_hh, groups, w_t=packed[1], out=out[b: b + step])
         return out

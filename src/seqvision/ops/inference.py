@@ -1,40 +1,18 @@
-"""Inference-only helpers (eval mode outside autograd on the CPU): reused activation buffers, and the
-block's elementwise work fused into passes of the native extension around the GEMMs."""
+"""Inference-only helpers (eval mode outside autograd on the CPU): the block's GEMMs writing into reused
+buffers (seqvision.ops.buffers), and its elementwise work fused into passes of the native extension around
+them."""
 from __future__ import annotations
 
 import math
-import threading
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import native
+from .buffers import NORMED, WIDE, scratch
 from .gemm import gemm_engine, packed
 from .int8 import Int8Linear
-
-# The buffers Block.forward_inference cycles through; one of each per thread, so concurrent callers never
-# share one. WIDE holds the widest activation (the input projection, then the MLP's hidden layer), NORMED a
-# LayerNorm's output, MIXED the recurrences' output.
-WIDE, NORMED, MIXED = range(3)
-
-
-class _Scratch(threading.local):
-    def __init__(self):
-        self.bufs: list[torch.Tensor | None] = [None, None, None]
-
-
-_SCRATCH = _Scratch()
-
-
-def scratch(n: int, slot: int = WIDE) -> torch.Tensor:
-    """A float32 buffer of n elements reused across inference calls: buffer `slot` (WIDE, NORMED, MIXED) of
-    this thread. A fresh tensor of tens of MB comes from mmap and page-faults on first touch every call,
-    which halves the GEMM rate."""
-    buf = _SCRATCH.bufs[slot]
-    if buf is None or buf.numel() < n:
-        buf = _SCRATCH.bufs[slot] = torch.empty(n)
-    return buf[:n]
 
 
 def last_level_cache_bytes(root: str | Path = "/sys/devices/system/cpu/cpu0/cache") -> int:
@@ -157,6 +135,8 @@ def accumulate(seed: torch.Tensor, x: torch.Tensor, fc: nn.Module | None) -> tor
         if _fresh(x, wb[0]):
             return torch.ops.mkldnn._linear_pointwise(x, seed, packed(wb[0]), None, "add")
         return mm_onto(seed, x, wb[0], add=True)
+    if isinstance(fc, Int8Linear):
+        return fc.onto(seed, x, add=True)
     return seed.add_(x if fc is None else fc(x))
 
 
@@ -168,7 +148,7 @@ def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
     in place (the native pass where its output is a contiguous 2-D float32 tensor)."""
     wb = dense(fc)
     if wb is None:  # an int8 GEMM, its bias added inside, or another module
-        hidden = fc(x)
+        hidden = fc.onto(scratch(x.shape[0] * fc.out_features).view(x.shape[0], -1), x) if isinstance(fc, Int8Linear) else fc(x)
         if hidden.dim() == 2 and hidden.is_contiguous() and hidden.dtype == torch.float32:
             native.extension().bias_gelu(hidden, None, hidden)
             return hidden

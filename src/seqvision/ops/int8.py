@@ -24,6 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import native
+from .buffers import CODES, scratch
+
 ENGINES = ("onednn", "x86", "fbgemm", "qnnpack")  # preference order; oneDNN uses AMX/VNNI where present
 
 # Where the engine saturates (no VNNI/AMX), a layer whose in and out features have a harmonic mean under this
@@ -43,6 +46,8 @@ FLOAT_BELOW = 128
 # 80 rounds: 1.11-1.13x fp32's speed against 1.10-1.12x. A run before them gave 0.81x against 1.09x (the
 # model with the limit 5 ms slower throughout), which the three did not reproduce.
 FLOAT_BELOW_VNNI = 80
+
+_QLINEAR = hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
 def runs_int8(in_features: int, out_features: int, reduce_range: bool) -> bool:
@@ -152,6 +157,25 @@ class Int8Linear(nn.Module):
         y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float().contiguous(),
                                                self.packed(), self.reduce_range)
         return y.view(*lead, self.out_features)  # (M, N) -> (..., N)
+
+    def onto(self, out: torch.Tensor, x: torch.Tensor, add: bool = False) -> torch.Tensor:
+        """out = self(x), or out += self(x) with `add`, for 2-D x and contiguous out (rows, out_features).
+        On oneDNN the int8 GEMM writes into out, the add in its epilogue: no fresh output, which glibc would
+        page-fault in again on every call."""
+        if not (self.int8_gemm and self.engine == "onednn" and _QLINEAR and native.available()):
+            y = self(x)
+            return out.add_(y) if add else out.copy_(y)
+        x = x.float().contiguous()
+        codes = scratch(x.numel(), CODES).view(x.shape)
+        scale, zero_point = native.extension().quantize_u8(x, self.reduce_range, codes)
+        if not add:
+            out.zero_()
+        w, w_zp = self._derived("qlinear", lambda: (torch.ops.onednn.qlinear_prepack(self.weight_int8, None),
+                                                    torch.zeros(self.out_features, dtype=torch.int32)))
+        # the "sum" post-op: the GEMM's output is out itself, added onto
+        torch.ops.onednn.qlinear_pointwise.binary(codes, scale, zero_point, w, self.weight_scale, w_zp, out, self.bias,
+                                                  1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
+        return out
 
     def extra_repr(self) -> str:
         gemm = f"activation_bits={7 if self.reduce_range else 8}" if self.int8_gemm else "float_gemm=True"
