@@ -96,6 +96,23 @@ def test_int8_onto_writes_what_the_module_returns(engine):
         assert torch.isnan(q.onto(torch.zeros(64, 192), x)).all()
 
 
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+def test_int8_model_native_block_computes_what_its_modules_do():
+    """An int8 model's native inference block (Int8Linear.onto into the block's buffers, residual adds in the
+    GEMM) against the same model with autograd on, where every layer runs its own forward: the same int8
+    GEMMs, so they differ only where a float rounding moves an activation to the next code."""
+    model = seqvision.create_model("sequencer2d_1m_28", backend="native").eval()
+    model.load_state_dict(random_state_dict(model, 0.05))
+    q = quantize_int8(model)
+    assert any(m.int8_gemm for m in q.modules() if isinstance(m, Int8Linear))
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        fast = q(x)
+    with torch.enable_grad():
+        slow = q(x).detach()
+    assert rel_err(fast, slow) < 1e-3
+
+
 INT8_WITHOUT_VNNI = """
 import torch, seqvision
 from seqvision.ops import int8

@@ -229,7 +229,7 @@ def gemm_shapes(model: nn.Module, x: torch.Tensor) -> dict[tuple[int, int, int],
 def int8_layer_rows(cfg: BenchConfig) -> list[dict]:
     """int8 against fp32 per GEMM shape of `cfg.model`'s inference at cfg.batch_size: the fp32 GEMM into a
     reused buffer as the native inference path runs it (the native GEMM or MKL: gemm_engine()) against
-    Int8Linear's int8 GEMM, alternating rounds, and what quantize_int8 makes of that layer on this CPU
+    Int8Linear's int8 GEMM into another (Int8Linear.onto, as that path runs it), alternating rounds, and what quantize_int8 makes of that layer on this CPU
     (`runs_as`: int8, or float for a layer too small for this engine). The evidence for
     seqvision.ops.int8.runs_int8's limits, per CPU."""
     if cfg.threads:
@@ -239,11 +239,11 @@ def int8_layer_rows(cfg: BenchConfig) -> list[dict]:
     shapes = gemm_shapes(model, torch.randn(cfg.batch_size, model.cfg.in_chans, size, size))
     rows, where = [], machine()
     for (m, k, n), (name, count, w) in shapes.items():
-        x, out = torch.randn(m, k), torch.empty(m, n)
+        x, out, out8 = torch.randn(m, k), torch.empty(m, n), torch.empty(m, n)
         q = Int8Linear(w, None)
         runs_as = "int8" if q.int8_gemm else "float"
         q.int8_gemm = True  # time the int8 GEMM whatever this CPU's rule picks
-        fns = {"fp32": lambda: mm_onto(out, x, w), "int8": lambda: q(x)}
+        fns = {"fp32": lambda: mm_onto(out, x, w), "int8": lambda: q.onto(out8, x)}
         for fn in fns.values():
             for _ in range(cfg.warmup):
                 fn()

@@ -22,7 +22,7 @@ from ..layers import (DropPath, Mlp, PatchEmbed, check_image, classifier, drop_p
 from ..ops import gemm, native, recurrence
 from ..ops.buffers import MIXED, scratch
 from ..ops.inference import (accumulate, cpu_float_eval, dense, equal_chunks, gate_chunk_bytes, mlp_onto, norm_and_seed,
-                             project)
+                             project, project_int8)
 from ..ops.int8 import Int8Linear
 from ..registry import register_family
 
@@ -233,7 +233,7 @@ class RNN2d(nn.Module):
         for b in range(0, B, step):
             part = x[b: b + step].reshape(-1, C)  # (b, H, W, C) -> (b*H*W, C)
             # (b*H*W, C) @ (C, K*G): one GEMM for every direction
-            xg = self.proj_int8.onto(scratch(part.shape[0] * self.proj_int8.out_features).view(part.shape[0], -1), part) if proj is None else project(part, proj[0])
+            xg = project_int8(part, self.proj_int8) if proj is None else project(part, proj[0])
             xg = xg.view(-1, H, W, K, G)  # (b*H*W, K*G) -> (b, H, W, K, G)
             native.lstm2d(xg, bias, w_hh, groups, w_t=packed[1], out=out[b: b + step])
         return out

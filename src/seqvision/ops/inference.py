@@ -115,6 +115,12 @@ def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return mm_onto(scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], -1), x, weight)
 
 
+def project_int8(x: torch.Tensor, fc: Int8Linear) -> torch.Tensor:
+    """fc(x) for 2-D x into the WIDE buffer (so the caller must be done with it), written there by the int8
+    GEMM itself on oneDNN (Int8Linear.onto)."""
+    return fc.onto(scratch(x.shape[0] * fc.out_features).view(x.shape[0], -1), x)
+
+
 def norm_and_seed(x: torch.Tensor, norm: nn.LayerNorm, fc: nn.Module | None, seed: torch.Tensor) -> torch.Tensor:
     """norm(x) for 2-D contiguous x, into the NORMED buffer (so the caller must be done with the last one),
     and, in the same pass, seed = x + fc's bias: the start accumulate() adds fc's GEMM onto. `seed` may be
@@ -129,7 +135,8 @@ def norm_and_seed(x: torch.Tensor, norm: nn.LayerNorm, fc: nn.Module | None, see
 def accumulate(seed: torch.Tensor, x: torch.Tensor, fc: nn.Module | None) -> torch.Tensor:
     """seed + fc(x) without fc's bias for a float GEMM (norm_and_seed put the bias into seed): the GEMM
     adds seed in its epilogue (oneDNN, into a fresh tensor) or accumulates onto it (MKL, in place), no pass
-    of its own. Other modules are called as they are, in place; no fc adds x. Use the returned tensor."""
+    of its own. An int8 GEMM adds onto seed as well (Int8Linear.onto), its bias inside; other modules are
+    called as they are and added in place; no fc adds x. Use the returned tensor."""
     wb = dense(fc)
     if wb is not None:
         if _fresh(x, wb[0]):
@@ -144,11 +151,12 @@ def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
     """gelu(fc(x)) for 2-D x: on oneDNN in the GEMM's epilogue, into a fresh tensor; otherwise written into
     the WIDE buffer (so the caller must be done with it before the next call that uses the buffer), bias
     and GELU in one pass of the native extension, so callers are on the native path
-    (Block.forward_inference). A module that is not a float GEMM (`dense`) is called as it is, then GELU
-    in place (the native pass where its output is a contiguous 2-D float32 tensor)."""
+    (Block.forward_inference). An int8 GEMM writes into the WIDE buffer too (project_int8); another module
+    is called as it is. Then GELU in place (the native pass where the output is a contiguous 2-D float32
+    tensor)."""
     wb = dense(fc)
     if wb is None:  # an int8 GEMM, its bias added inside, or another module
-        hidden = fc.onto(scratch(x.shape[0] * fc.out_features).view(x.shape[0], -1), x) if isinstance(fc, Int8Linear) else fc(x)
+        hidden = project_int8(x, fc) if isinstance(fc, Int8Linear) else fc(x)
         if hidden.dim() == 2 and hidden.is_contiguous() and hidden.dtype == torch.float32:
             native.extension().bias_gelu(hidden, None, hidden)
             return hidden

@@ -12,6 +12,12 @@ probed once per process with a GEMM built to overflow; where it does, activation
 
 Small layers run a float GEMM on their dequantised weights instead, smaller ones still where VNNI or AMX
 is there (FLOAT_BELOW, FLOAT_BELOW_VNNI).
+
+The native inference block calls Int8Linear.onto, not the module: on oneDNN the activations are quantised
+by the native extension into a reused uint8 buffer (the range and parameters torch's dynamic quantisation
+picks) and oneDNN's int8 GEMM writes into the block's own buffer, the residual add in its epilogue. The
+module's forward (torch's dynamic linear) hands back a fresh output, which glibc page-faults in again
+whenever it has handed that memory back to the OS.
 """
 from __future__ import annotations
 
