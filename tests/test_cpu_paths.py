@@ -90,6 +90,10 @@ def test_int8_onto_writes_what_the_module_returns(engine):
         assert q.onto(out, x) is out and torch.allclose(out, want, rtol=1e-5, atol=1e-5)
         seed = torch.randn(64, 192)
         assert torch.allclose(q.onto(seed.clone(), x, add=True), seed + want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"contiguous float32 \(64, 192\) tensor, got torch.float32 \(64, 191\)"):
+        q.onto(torch.empty(64, 191), x)
+    with pytest.raises(ValueError, match="strided"):
+        q.onto(torch.empty(192, 64).t(), x)
     if engine == "onednn" and HAVE_NATIVE:
         x = int8_inputs()[0]
         x[5, 7] = float("nan")

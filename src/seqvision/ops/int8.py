@@ -168,6 +168,9 @@ class Int8Linear(nn.Module):
         """out = self(x), or out += self(x) with `add`, for 2-D x and contiguous out (rows, out_features).
         On oneDNN the int8 GEMM writes into out, the add in its epilogue: no fresh output, which glibc would
         page-fault in again on every call."""
+        if out.dtype != torch.float32 or not out.is_contiguous() or out.shape != (x.shape[0], self.out_features):
+            raise ValueError(f"Int8Linear.onto writes a contiguous float32 ({x.shape[0]}, {self.out_features}) "
+                             f"tensor, got {out.dtype} {tuple(out.shape)}{'' if out.is_contiguous() else ' strided'}")
         if not (self.int8_gemm and self.engine == "onednn" and _QLINEAR and native.available()):
             y = self(x)
             return out.add_(y) if add else out.copy_(y)
