@@ -53,7 +53,21 @@ FLOAT_BELOW = 128
 # model with the limit 5 ms slower throughout), which the three did not reproduce.
 FLOAT_BELOW_VNNI = 80
 
-_QLINEAR = hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+def _qlinear_sum() -> bool:
+    """Whether this torch has oneDNN's int8 linear with a sum post-op in the form Int8Linear.onto calls it."""
+    try:
+        schema = torch.ops.onednn.qlinear_pointwise.binary._schema
+        torch.ops.onednn.qlinear_prepack.default
+    except (AttributeError, RuntimeError):
+        return False
+    return [a.name for a in schema.arguments] == [
+        "qx", "x_scale", "x_zero_point", "qw", "w_scale", "w_zero_point", "other", "bias", "output_scale",
+        "output_zero_point", "output_dtype", "other_scale", "other_zp", "binary_post_op", "binary_alpha",
+        "unary_post_op", "unary_post_op_args", "unary_post_op_algorithm"]
+
+
+_QLINEAR = _qlinear_sum()
 
 
 def runs_int8(in_features: int, out_features: int, reduce_range: bool) -> bool:
