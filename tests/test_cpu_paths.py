@@ -275,6 +275,17 @@ for train in (True, False):
     with torch.set_grad_enabled(train):
         ref, got = rnn.mix(x), (rnn.set_backend("native"), rnn.mix_native(x))[1]
     assert torch.equal(torch.isnan(ref), torch.isnan(got)), train
+# int8 activations: torch's dynamic parameters and codes, vector tails included (16387 = 16384 + 3)
+import warnings
+from seqvision.ops import native
+for reduce_range in (False, True):
+    v = torch.randn(16387) * 3
+    codes = torch.empty(v.shape, dtype=torch.uint8)
+    scale, zero_point = native.extension().quantize_u8(v, reduce_range, codes)
+    assert (scale, zero_point) == torch._choose_qparams_per_tensor(v, reduce_range)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(codes, torch.quantize_per_tensor(v, scale, zero_point, torch.quint8).int_repr())
 """
 
 NARROW_KERNEL = """
