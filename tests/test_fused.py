@@ -417,7 +417,7 @@ def test_gemm_engine_follows_the_rule_and_the_variable(monkeypatch, gemm_engine,
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
 def test_native_gemm_matches_torch_and_names_bad_shapes():
     """gemm_nt against x @ W^T, written and added onto out, for row counts that leave partial row blocks,
-    widths that leave partial panels and column groups, and K from 1 up; bad shapes are named."""
+    widths that leave partial panels, and K from 1 up; bad shapes are named."""
     ext = native.extension()
     for M, K, N in [(1, 1, 16), (7, 33, 48), (13, 192, 576), (50, 1200, 96), (301, 64, 1536)]:
         x, w, seed = torch.randn(M, K), torch.randn(N, K), torch.randn(M, N)

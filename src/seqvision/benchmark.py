@@ -229,9 +229,9 @@ def gemm_shapes(model: nn.Module, x: torch.Tensor) -> dict[tuple[int, int, int],
 def int8_layer_rows(cfg: BenchConfig) -> list[dict]:
     """int8 against fp32 per GEMM shape of `cfg.model`'s inference at cfg.batch_size: the fp32 GEMM into a
     reused buffer as the native inference path runs it (the native GEMM or MKL: gemm_engine()) against
-    Int8Linear's int8 GEMM into another (Int8Linear.onto, as that path runs it), alternating rounds, and what quantize_int8 makes of that layer on this CPU
-    (`runs_as`: int8, or float for a layer too small for this engine). The evidence for
-    seqvision.ops.int8.runs_int8's limits, per CPU."""
+    Int8Linear's int8 GEMM into another (Int8Linear.onto, as that path runs it), alternating rounds, and
+    what quantize_int8 makes of that layer on this CPU (`runs_as`: int8, or float for a layer too small for
+    this engine). The evidence for seqvision.ops.int8.runs_int8's limits, per CPU."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = create_model(cfg.model, **({"backend": "reference"} if cfg.model.startswith("sequencer") else {}))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import native
-from .buffers import NORMED, WIDE, scratch
+from .buffers import NORMED, scratch
 from .gemm import gemm_engine, packed
 from .int8 import Int8Linear
 
@@ -164,7 +164,7 @@ def linear_gelu(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
     weight, bias = wb
     if _fresh(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, packed(weight), bias, "gelu", [], "none")
-    hidden = mm_onto(scratch(x.shape[0] * weight.shape[0]).view(x.shape[0], weight.shape[0]), x, weight)
+    hidden = project(x, weight)  # not _fresh: into the WIDE buffer
     native.extension().bias_gelu(hidden, bias, hidden)  # bias may be None: GELU alone
     return hidden
 
