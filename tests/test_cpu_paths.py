@@ -81,13 +81,16 @@ def test_quantize_u8_chooses_and_rounds_as_torch_does(reduce_range):
                                     if e in torch.backends.quantized.supported_engines])
 def test_int8_onto_writes_what_the_module_returns(engine):
     """Int8Linear.onto, the native inference block's call: out = q(x), or out += q(x), in out itself (on
-    oneDNN the GEMM writes there, the add in its epilogue); a NaN input makes every output NaN."""
+    oneDNN or the native kernel the GEMM writes there, the add in its epilogue), both what the engine's own
+    dynamic int8 linear gives; a NaN input makes every output NaN."""
     lin = torch.nn.Linear(96, 192)
     q = Int8Linear(lin.weight, lin.bias, engine)
     # oneDNN's call as onto makes it exists in this torch (otherwise onto falls back to the module)
     assert int8._QLINEAR or engine != "onednn"
     for x in int8_inputs():
-        want = q(x)
+        with int8._using(engine):
+            want = torch.ops.quantized.linear_dynamic(x, q.packed(), q.reduce_range)
+        assert torch.allclose(q(x), want, rtol=1e-5, atol=1e-5)
         out = torch.full((64, 192), float("nan"))
         assert q.onto(out, x) is out and torch.allclose(out, want, rtol=1e-5, atol=1e-5)
         seed = torch.randn(64, 192)
@@ -96,10 +99,51 @@ def test_int8_onto_writes_what_the_module_returns(engine):
         q.onto(torch.empty(64, 191), x)
     with pytest.raises(ValueError, match="strided"):
         q.onto(torch.empty(192, 64).t(), x)
-    if engine == "onednn" and HAVE_NATIVE:
+    if (engine == "onednn" or q.native_kernel) and HAVE_NATIVE:
         x = int8_inputs()[0]
         x[5, 7] = float("nan")
         assert torch.isnan(q.onto(torch.zeros(64, 192), x)).all()
+
+
+def exact_int8_linear(q: Int8Linear, x: torch.Tensor, reduce_range: bool) -> torch.Tensor:
+    """What an int8 GEMM with torch's dynamic activation codes computes, in float64: no saturation."""
+    import warnings
+
+    scale, zero_point = torch._choose_qparams_per_tensor(x, reduce_range)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantised-tensor constructors warn of their deprecation
+        codes = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr().double() - zero_point
+    y = codes @ q.weight_int8.double().t() * (scale * q.weight_scale.double())
+    return y if q.bias is None else y + q.bias.double()
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_native_int8_gemm_is_exact(reduce_range):
+    """The native int8 GEMM (what runs where the engines saturate) gives the exact integer sums of torch's
+    codes, 7-bit or 8-bit, through the module, onto and onto's add, for row counts and widths off its
+    blocks; a NaN makes every output NaN; bad shapes are named."""
+    g = torch.Generator().manual_seed(0)
+    for m, k, n in [(1, 2, 3), (7, 96, 40), (64, 96, 192), (50, 288, 96), (13, 10, 70)]:
+        for bias in (torch.randn(n, generator=g), None):
+            q = Int8Linear(torch.randn(n, k, generator=g).abs(), bias)
+            q.reduce_range, q.native_kernel, q.int8_gemm = reduce_range, True, True
+            assert "kernel=native" in repr(q)
+            for x in (torch.randn(m, k, generator=g) * 3, torch.rand(m, k, generator=g) * 4):
+                want = exact_int8_linear(q, x, reduce_range)
+                tol = 1e-6 * want.abs().max().item()
+                assert (q(x).double() - want).abs().max().item() <= tol
+                out = torch.full((m, n), float("nan"))
+                assert q.onto(out, x) is out and (out.double() - want).abs().max().item() <= tol
+                seed = torch.randn(m, n, generator=g)
+                assert (q.onto(seed.clone(), x, add=True).double() - seed.double() - want).abs().max() <= tol
+    x[0, 1] = float("nan")
+    assert torch.isnan(q(x)).all() and torch.isnan(q.onto(torch.zeros(m, n), x, add=True)).all()
+    ext = native.extension()
+    with pytest.raises(RuntimeError, match="even number of columns"):
+        ext.pack_qgemm(torch.zeros(8, 5, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match=r"out \(M, N\) float32.*\[13, 10\].*\[13, 71\]"):
+        ext.qgemm_nt(x, reduce_range, ext.pack_qgemm(q.weight_int8), q.weight_scale, None, torch.empty(13, 71), False)
 
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="no C++ compiler")
@@ -121,7 +165,7 @@ def test_int8_model_native_block_computes_what_its_modules_do():
 
 INT8_WITHOUT_VNNI = """
 import torch, seqvision
-from seqvision.ops import int8
+from seqvision.ops import int8, native
 from seqvision.quantize import Int8Linear, quantize_int8
 torch.manual_seed(0)
 engine, reduce_range = int8.pick_engine()
@@ -129,8 +173,13 @@ lin = torch.nn.Linear(96, 192)
 with torch.no_grad():
     lin.weight.abs_()
     q = Int8Linear(lin.weight, lin.bias)
-    assert q.int8_gemm
-    errs = [float(((q(x) - lin(x)).norm() / lin(x).norm())) for x in (torch.randn(64, 96) * 3, torch.rand(64, 96) * 4)]
+    assert q.int8_gemm and q.native_kernel == (reduce_range and native.available())
+    errs = []
+    for kernel in (False, True):  # the engine's own GEMM, then the native kernel where it is built
+        q.native_kernel = kernel and native.available()
+        for x in (torch.randn(64, 96) * 3, torch.rand(64, 96) * 4):
+            for y in (q(x), q.onto(torch.empty(64, 192), x)):
+                errs.append(float(((y - lin(x)).norm() / lin(x).norm())))
     model = seqvision.create_model("sequencer2d_1m_28").eval()
     g = torch.Generator().manual_seed(1)
     model.load_state_dict({k: torch.randn(v.shape, generator=g) * 0.05 if v.dtype.is_floating_point else v
@@ -153,8 +202,9 @@ NO_VNNI = {"onednn": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
 @pytest.mark.parametrize("engine", [e for e in NO_VNNI if e in torch.backends.quantized.supported_engines])
 def test_int8_is_correct_without_vnni(engine):
     """An engine capped at AVX2 (no VNNI, as on most AMD servers and laptops) saturates full-range u8 x s8
-    pair sums; the probe must see it and quantise activations to 7 bits. A model quantised there keeps its
-    small layers (the 1M model's 96 -> 96 and its head) as float GEMMs and its larger ones in int8."""
+    pair sums; the probe must see it and quantise activations to 7 bits, for the engine's GEMM and the
+    native kernel alike (module and onto). A model quantised there keeps its small layers (the 1M model's
+    head; its 96 -> 96 too without the native kernel) as float GEMMs and its larger ones in int8."""
     out = run_python(INT8_WITHOUT_VNNI, SEQVISION_INT8_ENGINE=engine, **NO_VNNI[engine]).split()
     picked, reduce_range, err, model_err, kinds = out
     assert picked == engine and reduce_range == "True"
@@ -165,13 +215,19 @@ def test_int8_is_correct_without_vnni(engine):
 def test_small_layers_run_float_where_the_engine_saturates(monkeypatch):
     """Where int8 GEMMs saturate, a layer under FLOAT_BELOW (harmonic mean of its in and out features)
     multiplies by its dequantised weights: exactly F.linear with them, in the module and in the native
-    inference block (bias seeded, GEMM accumulated), and the same file as an int8 layer."""
+    inference block (bias seeded, GEMM accumulated), and the same file as an int8 layer. With the native
+    kernel, which does not saturate, the limit is FLOAT_BELOW_VNNI's."""
     engine = int8.pick_engine()[0]
     monkeypatch.setattr(int8, "pick_engine", lambda requested=None: (engine, True))
     torch.manual_seed(0)
     narrow, wide = torch.nn.Linear(96, 191), torch.nn.Linear(96, 192)  # harmonic means 127.8 and 128
     assert not int8.runs_int8(288, 64, True) and int8.runs_int8(288, 96, True)
     assert not int8.runs_int8(64, 64, False) and not int8.runs_int8(96, 10, False) and int8.runs_int8(96, 96, False)
+    if HAVE_NATIVE:
+        q = Int8Linear(narrow.weight, narrow.bias)
+        assert q.native_kernel and q.int8_gemm and "kernel=native" in repr(q)
+        assert not Int8Linear(torch.randn(191, 95), None).native_kernel  # an odd number of input features
+    monkeypatch.setattr(int8, "native_kernel", lambda reduce_range, in_features: False)
     qn, qw = Int8Linear(narrow.weight, narrow.bias), Int8Linear(wide.weight, wide.bias)
     assert not qn.int8_gemm and qw.int8_gemm and "float_gemm=True" in repr(qn) and "activation_bits=7" in repr(qw)
     assert qn.state_dict().keys() == qw.state_dict().keys()
@@ -286,6 +342,22 @@ for reduce_range in (False, True):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.equal(codes, torch.quantize_per_tensor(v, scale, zero_point, torch.quint8).int_repr())
+# the native int8 GEMM: exact integer sums of those codes, rows and columns off its blocks (with this build's
+# vectors: 4, 8 or 16 int32)
+ext = native.extension()
+g = torch.Generator().manual_seed(2)
+for reduce_range in (False, True):
+    for m, k, n in [(1, 2, 3), (7, 96, 40), (50, 288, 100)]:
+        x, w = torch.randn(m, k, generator=g) * 3, torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        ws, bias = torch.rand(n, generator=g) / 100, torch.randn(n, generator=g)
+        scale, zero_point = torch._choose_qparams_per_tensor(x, reduce_range)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            codes = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr().double() - zero_point
+        want = codes @ w.double().t() * (scale * ws.double()) + bias.double()
+        out = torch.full((m, n), float("nan"))
+        ext.qgemm_nt(x, reduce_range, ext.pack_qgemm(w), ws, bias, out, False)
+        assert (out.double() - want).abs().max() <= 1e-6 * want.abs().max(), (m, k, n)
 """
 
 NARROW_KERNEL = """

@@ -9,7 +9,7 @@ import torch
 
 # WIDE holds the widest float activation (the input projection, then the MLP's hidden layer), NORMED a
 # LayerNorm's output, MIXED the recurrences' output (Block.forward_inference cycles through them); CODES
-# the uint8 activations of an int8 GEMM.
+# the uint8 activations of oneDNN's int8 GEMM.
 WIDE, NORMED, MIXED, CODES = range(4)
 _DTYPES = (torch.float32, torch.float32, torch.float32, torch.uint8)
 

@@ -10,8 +10,11 @@ activations overflow silently. Whether an engine does that on this CPU (and unde
 probed once per process with a GEMM built to overflow; where it does, activations are quantised to 7 bits
 (`reduce_range`), whose pair sums (127 * 127 * 2 = 32258) fit.
 
-Small layers run a float GEMM on their dequantised weights instead, smaller ones still where VNNI or AMX
-is there (FLOAT_BELOW, FLOAT_BELOW_VNNI).
+Where the engine saturates and the native extension is built, the int8 GEMMs run the extension's own
+(qgemm_nt) instead: the same 7-bit codes widened to int16, multiplied by `vpmaddwd`, which sums each pair
+into int32 and cannot overflow, so its sums are the engine's own; it quantises each block of rows just before
+its GEMM. Small layers run a float GEMM on their dequantised weights instead, smaller ones still where the
+int8 GEMM does not saturate (FLOAT_BELOW, FLOAT_BELOW_VNNI).
 
 The native inference block calls Int8Linear.onto, not the module: on oneDNN the activations are quantised
 by the native extension into a reused uint8 buffer (the range and parameters torch's dynamic quantisation
@@ -45,7 +48,10 @@ ENGINES = ("onednn", "x86", "fbgemm", "qnnpack")  # preference order; oneDNN use
 # (144), 1.15x at 96 -> 288 (144) and 1.24x at 96 -> 384 (154). Sequencer2D-S's block layers (harmonic means
 # 192 to 614) ran 1.25-1.57x.
 FLOAT_BELOW = 128
-# The same where the engine does not saturate (VNNI or AMX), whose int8 GEMM saves more. oneDNN on the same
+# The same where the int8 GEMM does not saturate (VNNI or AMX, or the native int16 kernel), which saves more.
+# The native kernel in an AVX2 build on an AMD EPYC (Zen 4), 2 threads, the main job's model at batch 128
+# against its fp32, one process, alternating, three runs: 1.10-1.15x at this limit, 1.06-1.08x at 128 and
+# 1.08-1.18x at 60 (where 64 -> 64 turns int8 too; that layer alone is level with its fp32 GEMM). oneDNN on the same
 # Xeon with AMX and VNNI, same shapes, 40 rounds: 0.62x at 64 -> 64 (64) and 0.12x for the head (96 -> 10,
 # 128 rows: 18); 0.89x, 0.92x and 1.16x at 192 -> 64, 96 -> 96 and 64 -> 192 (all 96); 1.20-2.00x above.
 # The main job's model with this limit against int8 everywhere, in one process, alternating, three runs of
@@ -70,11 +76,18 @@ def _qlinear_sum() -> bool:
 _QLINEAR = _qlinear_sum()
 
 
-def runs_int8(in_features: int, out_features: int, reduce_range: bool) -> bool:
-    """Whether a layer of this shape is an int8 GEMM on an engine that does (reduce_range) or does not
-    saturate: the harmonic mean of its in and out features is at least FLOAT_BELOW or FLOAT_BELOW_VNNI."""
-    limit = FLOAT_BELOW if reduce_range else FLOAT_BELOW_VNNI
+def runs_int8(in_features: int, out_features: int, saturates: bool) -> bool:
+    """Whether a layer of this shape is an int8 GEMM where that GEMM does or does not saturate: the harmonic
+    mean of its in and out features is at least FLOAT_BELOW or FLOAT_BELOW_VNNI."""
+    limit = FLOAT_BELOW if saturates else FLOAT_BELOW_VNNI
     return 2 * in_features * out_features >= limit * (in_features + out_features)
+
+
+def native_kernel(reduce_range: bool, in_features: int) -> bool:
+    """Whether a layer runs the native extension's int8 GEMM (qgemm_nt): where the engine's would saturate
+    (reduce_range), with an even number of input features (it multiplies pairs of them), and the extension
+    built."""
+    return reduce_range and in_features % 2 == 0 and native.available()
 
 
 @contextlib.contextmanager
@@ -146,7 +159,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.engine, self.reduce_range = pick_engine(engine)
-        self.int8_gemm = runs_int8(self.in_features, self.out_features, self.reduce_range)
+        self.native_kernel = native_kernel(self.reduce_range, self.in_features)
+        self.int8_gemm = runs_int8(self.in_features, self.out_features, self.reduce_range and not self.native_kernel)
         self._cache: dict[str, tuple] = {}
 
     def _derived(self, kind: str, build):
@@ -174,17 +188,25 @@ class Int8Linear(nn.Module):
         if not self.int8_gemm:
             return F.linear(x.float(), self.dense_weight(), self.bias)
         lead = x.shape[:-1]
+        if self.native_kernel:
+            x2 = x.reshape(-1, self.in_features)
+            return self.onto(x2.new_empty(x2.shape[0], self.out_features, dtype=torch.float32), x2).view(*lead, -1)
         y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float().contiguous(),
                                                self.packed(), self.reduce_range)
         return y.view(*lead, self.out_features)  # (M, N) -> (..., N)
 
     def onto(self, out: torch.Tensor, x: torch.Tensor, add: bool = False) -> torch.Tensor:
         """out = self(x), or out += self(x) with `add`, for 2-D x and contiguous out (rows, out_features).
-        On oneDNN the int8 GEMM writes into out, the add in its epilogue: no fresh output, which glibc would
-        page-fault in again on every call."""
+        The native kernel and oneDNN's int8 GEMM write into out, the add in their epilogue: no fresh output,
+        which glibc would page-fault in again on every call."""
         if out.dtype != torch.float32 or not out.is_contiguous() or out.shape != (x.shape[0], self.out_features):
             raise ValueError(f"Int8Linear.onto writes a contiguous float32 ({x.shape[0]}, {self.out_features}) "
                              f"tensor, got {out.dtype} {tuple(out.shape)}{'' if out.is_contiguous() else ' strided'}")
+        if self.int8_gemm and self.native_kernel:
+            ext = native.extension()
+            w = self._derived("native", lambda: ext.pack_qgemm(self.weight_int8))
+            ext.qgemm_nt(x.float().contiguous(), self.reduce_range, w, self.weight_scale, self.bias, out, add)
+            return out
         if not (self.int8_gemm and self.engine == "onednn" and _QLINEAR and native.available()):
             y = self(x)
             return out.add_(y) if add else out.copy_(y)
@@ -202,4 +224,6 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         gemm = f"activation_bits={7 if self.reduce_range else 8}" if self.int8_gemm else "float_gemm=True"
+        if self.int8_gemm and self.native_kernel:
+            gemm += ", kernel=native"
         return f"in_features={self.in_features}, out_features={self.out_features}, engine={self.engine}, {gemm}"
