@@ -227,6 +227,8 @@ def test_small_layers_run_float_where_the_engine_saturates(monkeypatch):
         q = Int8Linear(narrow.weight, narrow.bias)
         assert q.native_kernel and q.int8_gemm and "kernel=native" in repr(q)
         assert not Int8Linear(torch.randn(191, 95), None).native_kernel  # an odd number of input features
+        wider = Int8Linear(torch.randn(192, int8.NATIVE_BELOW_IN), None)  # oneDNN's 7-bit GEMM from there on
+        assert not wider.native_kernel and wider.int8_gemm and "kernel=native" not in repr(wider)
     monkeypatch.setattr(int8, "native_kernel", lambda reduce_range, in_features: False)
     qn, qw = Int8Linear(narrow.weight, narrow.bias), Int8Linear(wide.weight, wide.bias)
     assert not qn.int8_gemm and qw.int8_gemm and "float_gemm=True" in repr(qn) and "activation_bits=7" in repr(qw)

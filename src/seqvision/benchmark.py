@@ -74,18 +74,17 @@ def keep_freed_memory() -> None:
 def machine() -> dict:
     """What a speed figure depends on: the CPU, the ISA the native kernel was built for, oneDNN's and fbgemm's
     ISA caps, the library of the native paths' float GEMMs (inference, training), the int8 engine with its
-    activation width, and whether malloc keeps freed memory."""
+    activation width (and the native int8 kernel where it runs), and whether malloc keeps freed memory."""
     name = platform.processor() or platform.machine()
     try:
         name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    engine, reduce_range = int8.pick_engine()
     return {"cpu": name, "cpu_isa": cpu.cpu_isa(), "kernel_isa": cpu.build_isa(),
             "onednn_isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", "none"),
             "fbgemm_isa_cap": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "none"),
             "gemm": f"{gemm.gemm_engine()}, training {gemm.gemm_engine(training=True)}",
-            "int8": f"{engine}, {7 if reduce_range else 8}-bit activations",
+            "int8": int8.describe(),
             "malloc": "keeps freed memory" if _KEPT else "default"}
 
 

@@ -210,7 +210,7 @@ def cmd_quantize(args) -> None:
 
     from .checkpoint import eval_transform, load_for_inference
     from .data import Seeded
-    from .ops.int8 import pick_engine
+    from .ops.int8 import native_kernel, pick_engine
     from .quantize import quantize_int8
 
     model, classes, data, meta = load_for_inference(args.checkpoint)
@@ -240,6 +240,7 @@ def cmd_quantize(args) -> None:
     row = {"split": f"{name} {args.split}", "images": n, "top1_agreement": round(100 * agree / n, 2),
            "fp32_top1": round(100 * correct_fp / n, 2), "int8_top1": round(100 * correct_q / n, 2),
            "engine": engine, "activation_bits": 7 if reduce_range else 8,
+           "native_kernel": native_kernel(reduce_range, 2),
            "fp32_img_s": round(speed["fp32"], 1), "int8_img_s": round(speed["int8"], 1),
            "int8_speedup": round(speed["int8"] / speed["fp32"], 2)}
     if row["int8_speedup"] < 1:

@@ -83,11 +83,18 @@ def runs_int8(in_features: int, out_features: int, saturates: bool) -> bool:
     return 2 * in_features * out_features >= limit * (in_features + out_features)
 
 
+# The native int8 GEMM takes layers with fewer input features than this; oneDNN's 7-bit GEMM the wider ones.
+# Against oneDNN's, on an AMD EPYC (Zen 4), AVX2 build, 2 threads, Sequencer2D-S at batch 16 (10 alternating
+# rounds): 1.05-1.10x at 192 in, 1.01x at 576 -> 192, 0.95-1.02x at 384 and 0.87x at 1152 -> 384; the main
+# job's model (64 to 288 in) 1.24x as a whole.
+NATIVE_BELOW_IN = 384
+
+
 def native_kernel(reduce_range: bool, in_features: int) -> bool:
     """Whether a layer runs the native extension's int8 GEMM (qgemm_nt): where the engine's would saturate
-    (reduce_range), with an even number of input features (it multiplies pairs of them), and the extension
-    built."""
-    return reduce_range and in_features % 2 == 0 and native.available()
+    (reduce_range), with an even number of input features (it multiplies pairs of them) under
+    NATIVE_BELOW_IN, and the extension built."""
+    return reduce_range and in_features % 2 == 0 and in_features < NATIVE_BELOW_IN and native.available()
 
 
 @contextlib.contextmanager
@@ -134,6 +141,14 @@ def pick_engine(requested: str | None = None) -> tuple[str, bool]:
     if name is None or name not in supported or name == "none":
         raise RuntimeError(f"int8 engine {name!r} is not available in this torch build (supported: {supported})")
     return name, saturates(name)
+
+
+def describe() -> str:
+    """What runs the int8 GEMMs on this CPU, for reports: the engine, its activation width, and the native
+    kernel where it takes the engine's place."""
+    engine, reduce_range = pick_engine()
+    kernel = ", native int16 kernel" if native_kernel(reduce_range, 2) else ""
+    return f"{engine}, {7 if reduce_range else 8}-bit activations{kernel}"
 
 
 class Int8Linear(nn.Module):

@@ -14,7 +14,7 @@
 //
 // At the end, the Sequencer block's other fused loops: the MLP's bias + GELU (bias_gelu, gelu_backward_bias), and
 // LayerNorm together with the bias add that starts the next GEMM's accumulator (layer_norm_seed); and the
-// inference GEMM built on the recurrence's matmul kernel (gemm_nt).
+// inference GEMM built on the recurrence's matmul kernel (gemm_nt), and its int8 counterpart (qgemm_nt).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -608,15 +608,16 @@ void gemm_nt(torch::Tensor x, torch::Tensor w, torch::Tensor out, bool accumulat
   });
 }
 
-// The int8 GEMM of the native inference path where the CPU has no VNNI: out (M, N) (+)= sx * (q (M, K) @ W^T)
-// * sw + bias, q the activations' codes less their zero point as int16 (qgemm_nt quantises them block by block)
-// and W the int8 weights widened to int16, pairs of k interleaved (pack_qgemm). vpmaddwd multiplies 16-bit
-// pairs and sums each pair into int32: exact, where the u8 x s8 vpmaddubsw of the engines sums into int16 with
-// saturation, and twice as many multiply-adds per instruction as an fp32 FMA, so the sums are torch's to the
-// last integer.
+// The int8 GEMM of the native inference path where the engines' int8 GEMMs saturate (no VNNI or AMX):
+// out (M, N) (+)= sx * (q (M, K) @ W^T) * sw + bias, q the activations' codes less their zero point as int16
+// (qgemm_nt quantises them block by block) and W the int8 weights widened to int16, pairs of k interleaved
+// (pack_qgemm). vpmaddwd multiplies 16-bit pairs and sums each pair into int32, so no sum saturates (the
+// engines' u8 x s8 vpmaddubsw sums pairs into int16) and the sums are torch's to the last integer: two
+// multiply-adds per 32-bit lane, where an fp32 FMA does one.
 // QR rows by QV vectors of int32 accumulators; the epilogue scales, adds the bias and writes or adds onto out.
 // vpmaddwd does not accumulate, so each product needs a register of its own beside the accumulators. On an AMD
-// EPYC (Zen 4), 2 threads, 7 shapes of the two models, one process, alternating, against gemm_nt: AVX2 build
+// EPYC (Zen 4), 2 threads, 7 shapes of the two models, one process, alternating, the GEMM alone (codes made
+// beforehand) against gemm_nt: AVX2 build
 // 3 x 3 ymm 1.14-1.63x, 3 x 2 1.15-1.57x, 2 x 4 1.18-1.60x, 4 x 2 0.84-1.08x and 4 x 3 0.76-1.09x (spilled);
 // AVX-512 build (without VNNI) 6 x 2 zmm 1.46-1.79x, 4 x 4 1.51-1.78x, 6 x 4 1.05-1.46x.
 namespace {
@@ -648,9 +649,9 @@ inline ivec ibcast(int32_t v) { return _mm_set1_epi32(v); }
 inline void istore(int32_t* p, ivec v) { _mm_storeu_si128((__m128i*)p, v); }
 constexpr int QR = 3, QV = 3;
 #endif
-constexpr int64_t QPW = QV * IL;
+constexpr int64_t QPW = QV * IL;  // columns per panel of pack_qgemm
 // Blocks of rows that qgemm_nt quantises in one call: 4, 16 and 64 were level (AVX2 build, as above).
-constexpr int64_t QCHUNK = 16;  // columns per panel of pack_qgemm
+constexpr int64_t QCHUNK = 16;
 
 // acc (R, V*IL) = q[0:R] @ the first V vectors of the panel w, q row-major (k int16 wide, k even), w a panel of
 // pack_qgemm (k / 2 steps of QV vectors, each IL columns x 2 k interleaved).
@@ -698,7 +699,9 @@ inline void qpanel_upto(int64_t vectors, const int16_t* q, int64_t k, const int1
   else if constexpr (V > 1) qpanel_upto<R, V - 1>(vectors, q, k, w, scale, bias, out, ldo, j, width, accumulate);
 }
 
-// The panels of one block of R rows.
+// The panels of one block of R rows. Each block meets every panel, as gemm_nt's rows do; panels outside the
+// blocks of a chunk of rows (a panel in L1 while the chunk's 48 rows pass) ran 0.75-0.98x as fast on
+// Sequencer2D-S's shapes (AVX2 build).
 template <int R>
 void qrows(const int16_t* q, int64_t k, const int16_t* w, int64_t n, const float* scale, const float* bias,
            float* out, int64_t ldo, bool accumulate) {
