@@ -10,13 +10,15 @@ activations overflow silently. Whether an engine does that on this CPU (and unde
 probed once per process with a GEMM built to overflow; where it does, activations are quantised to 7 bits
 (`reduce_range`), whose pair sums (127 * 127 * 2 = 32258) fit.
 
-Where the engine saturates and the native extension is built, the int8 GEMMs run the extension's own
-(qgemm_nt) instead: the same 7-bit codes widened to int16, multiplied by `vpmaddwd`, which sums each pair
-into int32 and cannot overflow, so its sums are the engine's own; it quantises each block of rows just before
-its GEMM. Small layers run a float GEMM on their dequantised weights instead, smaller ones still where the
-int8 GEMM does not saturate (FLOAT_BELOW, FLOAT_BELOW_VNNI).
+Where the engine saturates and the native extension is built, the int8 GEMMs with fewer than
+NATIVE_BELOW_IN input features run the extension's own (qgemm_nt) instead: the same 7-bit codes widened to
+int16, multiplied by `vpmaddwd`, which sums each pair into int32 and cannot overflow, so its sums are the
+engine's own; it quantises each block of rows just before its GEMM. Small layers run a float GEMM on their
+dequantised weights instead, smaller ones still where the int8 GEMM does not saturate (FLOAT_BELOW,
+FLOAT_BELOW_VNNI).
 
-The native inference block calls Int8Linear.onto, not the module: on oneDNN the activations are quantised
+The native inference block calls Int8Linear.onto, not the module. The native kernel writes into the
+block's buffer or adds onto its output like oneDNN's call: on oneDNN the activations are quantised
 by the native extension into a reused uint8 buffer (the range and parameters torch's dynamic quantisation
 picks) and oneDNN's int8 GEMM writes into the block's own buffer, the residual add in its epilogue. The
 module's forward (torch's dynamic linear) hands back a fresh output, which glibc page-faults in again
@@ -51,9 +53,9 @@ FLOAT_BELOW = 128
 # The same where the int8 GEMM does not saturate (VNNI or AMX, or the native int16 kernel), which saves more.
 # The native kernel in an AVX2 build on an AMD EPYC (Zen 4), 2 threads, the main job's model at batch 128
 # against its fp32, one process, alternating, three runs: 1.10-1.15x at this limit, 1.06-1.08x at 128 and
-# 1.08-1.18x at 60 (where 64 -> 64 turns int8 too; that layer alone is level with its fp32 GEMM). oneDNN on the same
-# Xeon with AMX and VNNI, same shapes, 40 rounds: 0.62x at 64 -> 64 (64) and 0.12x for the head (96 -> 10,
-# 128 rows: 18); 0.89x, 0.92x and 1.16x at 192 -> 64, 96 -> 96 and 64 -> 192 (all 96); 1.20-2.00x above.
+# 1.08-1.18x at 60 (where 64 -> 64 turns int8 too; that layer alone is level with its fp32 GEMM). oneDNN on
+# the Xeon above with AMX and VNNI, same shapes, 40 rounds: 0.62x at 64 -> 64 (64) and 0.12x for the head
+# (96 -> 10, 128 rows: 18); 0.89x, 0.92x and 1.16x at 192 -> 64, 96 -> 96 and 64 -> 192 (all 96); 1.20-2.00x above.
 # The main job's model with this limit against int8 everywhere, in one process, alternating, three runs of
 # 80 rounds: 1.11-1.13x fp32's speed against 1.10-1.12x. A run before them gave 0.81x against 1.09x (the
 # model with the limit 5 ms slower throughout), which the three did not reproduce.
@@ -147,7 +149,7 @@ def describe() -> str:
     """What runs the int8 GEMMs on this CPU, for reports: the engine, its activation width, and the native
     kernel where it takes the engine's place."""
     engine, reduce_range = pick_engine()
-    kernel = ", native int16 kernel" if native_kernel(reduce_range, 2) else ""
+    kernel = f", native int16 kernel under {NATIVE_BELOW_IN} inputs" if native_kernel(reduce_range, 2) else ""
     return f"{engine}, {7 if reduce_range else 8}-bit activations{kernel}"
 
 
