@@ -117,7 +117,7 @@ def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def project_int8(x: torch.Tensor, fc: Int8Linear) -> torch.Tensor:
     """fc(x) for 2-D x into the WIDE buffer (so the caller must be done with it), written there by the int8
-    GEMM itself on oneDNN (Int8Linear.onto)."""
+    GEMM itself on the native kernel or oneDNN (Int8Linear.onto)."""
     return fc.onto(scratch(x.shape[0] * fc.out_features).view(x.shape[0], -1), x)
 
 
